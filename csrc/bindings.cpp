@@ -1,0 +1,36 @@
+// The one binding file of pyops._C: plain functions, wrapped as torch.library
+// custom operators on the Python side (pyops/ops/*).
+#include "common.h"
+
+namespace pyops {
+void sigmoid_forward(const at::Tensor& x, const at::Tensor& y);
+void sigmoid_backward(const at::Tensor& grad_output, const at::Tensor& output,
+                      const at::Tensor& grad_input);
+void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Tensor& seed_offset,
+                   int64_t threshold, double scale);
+at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n);
+}  // namespace pyops
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pyops CPU kernels";
+  m.def("sigmoid_forward", &pyops::sigmoid_forward, "sigmoid forward (CPU)");
+  m.def("sigmoid_backward", &pyops::sigmoid_backward, "sigmoid backward (CPU)");
+  m.def("dropout_apply", &pyops::dropout_apply, "dropout forward/backward (CPU)");
+  m.def("philox_blocks", &pyops::philox_blocks, "raw Philox4x32-10 blocks (CPU)");
+  m.def("simd_level", []() {
+#if defined(CPU_CAPABILITY_AVX512)
+    return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+    return "AVX2";
+#else
+    return "DEFAULT";
+#endif
+  });
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,11 @@
+"""pyops: PyTorch layers whose forward and backward run our own kernels.
+
+Triton kernels for CUDA tensors, C++ kernels (``pyops._C``) for CPU tensors; see
+``pyops.backend`` for choosing one explicitly.
+"""
+from . import ops  # noqa: F401  (registers the pyops:: custom operators)
+from . import functional, nn
+from ._dispatch import BACKENDS, backend, requested_backend
+
+__all__ = ["BACKENDS", "backend", "functional", "nn", "requested_backend"]
+__version__ = "0.1.0"

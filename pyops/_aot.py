@@ -1,0 +1,81 @@
+"""Ahead-of-time compile of every Triton kernel and launch config for a GPU target, no GPU needed.
+
+    TRITON_INTERPRET=0 python -m pyops._aot [--arch 90]
+
+Catches what Triton's interpreter cannot (dot shapes and dtypes, layouts, type rules):
+each kernel is compiled for each dtype, each integer width the launcher can pass and
+each config, e.g. to wgmma/DMMA code for sm_90 (H100).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+FLOAT_TYPES = ("fp16", "bf16", "fp32", "fp64")
+INT_TYPES = ("i32", "i64")  # Triton types a Python int by its value: both widths occur
+
+
+def kernel_specs():
+    """Yield (name, jit function, signature, constexprs, num_warps) for every kernel variant."""
+    from .triton_kernels import common, dropout, sigmoid
+
+    for dt, it, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, sigmoid.CONFIGS):
+        block = {"BLOCK": cfg.kwargs["BLOCK"]}
+        yield ("sigmoid_forward", sigmoid.sigmoid_forward_kernel,
+               {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "n": it, "BLOCK": "constexpr"}, block, cfg.num_warps)
+        yield ("sigmoid_backward", sigmoid.sigmoid_backward_kernel,
+               {"dy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "n": it, "BLOCK": "constexpr"},
+               block, cfg.num_warps)
+    for dt, it, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, dropout.CONFIGS):
+        yield ("dropout", dropout.dropout_kernel,
+               {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "seed_offset_ptr": "*i64", "n": it, "threshold": "i32",
+                "scale": "fp64", "BLOCK": "constexpr"},
+               {"BLOCK": cfg.kwargs["BLOCK"]}, cfg.num_warps)
+    for it in INT_TYPES:
+        yield ("philox_blocks", common.philox_blocks_kernel,
+               {"out_ptr": "*i64", "seed": "i64", "offset": "i64", "first": it, "n": it, "BLOCK": "constexpr"},
+               {"BLOCK": 128}, 4)
+
+
+def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False) -> list[tuple[str, str]]:
+    """Compile every spec for ``cuda`` sm_``arch``; return [(variant, error)] for those that fail."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, warp_size)
+    failures = []
+    for name, fn, signature, constexprs, num_warps in kernel_specs():
+        variant = f"{name}[{', '.join(f'{k}={v}' for k, v in signature.items() if v != 'constexpr')}; " \
+                  f"{constexprs}, num_warps={num_warps}]"
+        t0 = time.perf_counter()
+        try:
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+            if "cubin" not in compiled.asm:
+                raise RuntimeError(f"no cubin produced (stages: {sorted(compiled.asm)})")
+        except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
+            failures.append((variant, f"{type(e).__name__}: {e}"))
+            status = "FAIL"
+        else:
+            status = "ok"
+        if verbose:
+            print(f"{status:4s} {time.perf_counter() - t0:6.2f}s {variant}", flush=True)
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
+    args = parser.parse_args(argv)
+    failures = compile_all(args.arch, verbose=True)
+    for variant, err in failures:
+        print(f"FAILED {variant}\n    {err}", file=sys.stderr)
+    print(f"{len(failures)} failed" if failures else "all kernels compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The one place that decides which backend runs a kernel.
+
+CUDA tensors go to the Triton kernels, CPU tensors to the C++ kernels (``auto``).
+``PYOPS_BACKEND=auto|triton|cpp`` or ``with pyops.backend(...)`` overrides that; the
+context manager wins over the environment. With ``TRITON_INTERPRET=1`` set before
+pyops' Triton kernels are imported, the triton backend runs CPU tensors through
+Triton's interpreter (how CI proves the Triton code without a GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpp")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyops_backend", default=None)
+
+
+def _validate(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run the pyops calls inside the block on backend ``name`` ('auto', 'triton' or 'cpp')."""
+    token = _override.set(_validate(name, "pyops.backend(name)"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for now: the innermost ``pyops.backend`` block, else ``PYOPS_BACKEND``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _validate(os.environ.get("PYOPS_BACKEND", "auto").strip().lower() or "auto", "PYOPS_BACKEND")
+
+
+@functools.cache
+def triton_kernels():
+    """The ``pyops.triton_kernels`` package, imported on first use (None if triton is missing)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    from . import triton_kernels as tk
+    from .triton_kernels import common, dropout, sigmoid  # noqa: F401
+
+    return tk
+
+
+def triton_interpreted() -> bool:
+    """True when pyops' Triton kernels were decorated under ``TRITON_INTERPRET=1``."""
+    tk = triton_kernels()
+    if tk is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tk.common.philox_blocks_kernel, InterpretedFunction)
+
+
+def select(*tensors: torch.Tensor | None) -> str:
+    """Return 'triton' or 'cpp' for a kernel over ``tensors``, or raise RuntimeError saying how to fix the call."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise RuntimeError(
+            "pyops: expected all tensors on the same device, but found "
+            f"{', '.join(sorted(str(d) for d in devices)) or 'none'}; move them with .to(device)"
+        )
+    device = devices.pop()
+    name = requested_backend()
+    if name == "auto":
+        if device.type == "cuda":
+            name = "triton"
+        elif device.type == "cpu":
+            name = "cpp"
+        else:
+            raise RuntimeError(f"pyops: no backend for {device.type} tensors; use CPU or CUDA tensors")
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(
+            f"pyops: the C++ backend runs CPU tensors only, got a tensor on {device}; "
+            "use PYOPS_BACKEND=auto or triton (or pyops.backend('triton')) for CUDA tensors, "
+            "or move the tensor to the CPU"
+        )
+    if name == "triton":
+        if triton_kernels() is None:
+            raise RuntimeError("pyops: the Triton backend needs the `triton` package; pip install triton")
+        if device.type == "cpu" and not triton_interpreted():
+            raise RuntimeError(
+                "pyops: the Triton backend runs CPU tensors only in Triton's interpreter; set "
+                "TRITON_INTERPRET=1 before importing pyops, or use PYOPS_BACKEND=cpp "
+                "(or pyops.backend('cpp')) for CPU tensors"
+            )
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"pyops: the Triton backend has no kernels for {device.type} tensors")
+    return name
+
+
+@functools.cache
+def cpp_extension():
+    """The compiled C++ extension ``pyops._C``."""
+    try:
+        from . import _C
+    except ImportError as e:
+        raise RuntimeError(
+            "pyops: the C++ extension pyops._C is not built; install pyops with "
+            "`pip install --no-build-isolation .` in an environment that has torch"
+        ) from e
+    return _C

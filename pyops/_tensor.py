@@ -1,0 +1,47 @@
+"""Small tensor-layout helpers shared by every launcher (both backends)."""
+from __future__ import annotations
+
+import torch
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of storage with no gaps."""
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when dense (any dim order, e.g. channels_last), else a contiguous copy.
+
+    Elementwise kernels walk a dense tensor's storage as one flat array, and the output
+    made by ``torch.empty_like`` keeps the input's memory format, as torch's ops do.
+    """
+    return t if is_dense(t) else t.contiguous()
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides ``dense(t)`` has, without making the copy."""
+    return t.stride() if is_dense(t) else contiguous_strides(t.shape)
+
+
+def with_strides(t: torch.Tensor, stride) -> torch.Tensor:
+    """``t`` with exactly these (dense) strides: ``t`` itself when it has them, else a copy."""
+    if t.stride() == tuple(stride):
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)

@@ -1,0 +1,31 @@
+"""Launch helpers shared by the op modules."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .._dispatch import triton_interpreted
+
+
+def elementwise_config(configs, n: int):
+    """Pick a launch config for a flat elementwise kernel over ``n`` elements.
+
+    Memory-bound kernels want big blocks on big tensors; the interpreter (CPU) wants
+    the smallest block so tiny test tensors do not run a mostly-masked program.
+    """
+    if triton_interpreted() or n <= (1 << 20):
+        return configs[0]
+    return configs[-1]
+
+
+def launch_elementwise(kernel, configs, n: int, device: torch.device, *args) -> None:
+    """Launch ``kernel[grid](*args, BLOCK=...)`` with one program per BLOCK of ``n`` flat elements (none when n == 0)."""
+    if n == 0:
+        return
+    cfg = elementwise_config(configs, n)
+    block = cfg.kwargs["BLOCK"]
+    grid = ((n + block - 1) // block,)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[grid](*args, BLOCK=block, num_warps=cfg.num_warps)

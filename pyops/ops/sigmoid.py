@@ -1,0 +1,72 @@
+"""Sigmoid: launchers, the ``pyops::sigmoid_forward/backward`` operators and SigmoidFunction."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._dispatch import cpp_extension, select, triton_kernels
+from .._tensor import dense, with_strides
+from ._launch import launch_elementwise
+
+
+def _launch_forward(x: Tensor, y: Tensor) -> None:
+    if select(x, y) == "cpp":
+        cpp_extension().sigmoid_forward(x, y)
+    else:
+        k = triton_kernels().sigmoid
+        launch_elementwise(k.sigmoid_forward_kernel, k.CONFIGS, x.numel(), x.device, x, y, x.numel())
+
+
+def _launch_backward(grad_output: Tensor, output: Tensor, grad_input: Tensor) -> None:
+    if select(grad_output, output, grad_input) == "cpp":
+        cpp_extension().sigmoid_backward(grad_output, output, grad_input)
+    else:
+        k = triton_kernels().sigmoid
+        n = output.numel()
+        launch_elementwise(k.sigmoid_backward_kernel, k.CONFIGS, n, output.device, grad_output, output, grad_input, n)
+
+
+@torch.library.custom_op("pyops::sigmoid_forward", mutates_args=())
+def sigmoid_forward(x: Tensor) -> Tensor:
+    """y = 1 / (1 + exp(-x)), same shape and memory format as ``x``."""
+    x = dense(x)
+    y = torch.empty_like(x)
+    _launch_forward(x, y)
+    return y
+
+
+@sigmoid_forward.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(dense(x))
+
+
+@torch.library.custom_op("pyops::sigmoid_backward", mutates_args=())
+def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
+    """grad_input = grad_output * y * (1 - y) from the forward's output ``y``."""
+    output = dense(output)
+    grad_output = with_strides(grad_output, output.stride())
+    grad_input = torch.empty_like(output)
+    _launch_backward(grad_output, output, grad_input)
+    return grad_input
+
+
+@sigmoid_backward.register_fake
+def _(grad_output: Tensor, output: Tensor) -> Tensor:
+    return torch.empty_like(dense(output))
+
+
+class SigmoidFunction(torch.autograd.Function):
+    """Sigmoid whose forward and backward both run pyops kernels; saves only the output."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.ops.pyops.sigmoid_forward(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:
+        (output,) = ctx.saved_tensors
+        return torch.ops.pyops.sigmoid_backward(grad_output, output)

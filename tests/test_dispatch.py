@@ -1,0 +1,89 @@
+"""The one dispatch point: auto picks by device; PYOPS_BACKEND and pyops.backend() override;
+impossible requests fail with a RuntimeError that names the fix."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyops
+from pyops._dispatch import requested_backend, select, triton_interpreted
+
+
+def test_auto_picks_by_device(monkeypatch):
+    monkeypatch.delenv("PYOPS_BACKEND", raising=False)
+    assert requested_backend() == "auto"
+    assert select(torch.empty(1)) == "cpp"
+    if torch.cuda.is_available():
+        assert select(torch.empty(1, device="cuda")) == "triton"
+
+
+def test_environment_variable_overrides(monkeypatch):
+    monkeypatch.setenv("PYOPS_BACKEND", "cpp")
+    assert requested_backend() == "cpp"
+    monkeypatch.setenv("PYOPS_BACKEND", "TRITON")
+    assert requested_backend() == "triton"
+    monkeypatch.setenv("PYOPS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="PYOPS_BACKEND"):
+        requested_backend()
+
+
+def test_context_manager_overrides_env_and_nests(monkeypatch):
+    monkeypatch.setenv("PYOPS_BACKEND", "triton")
+    with pyops.backend("cpp"):
+        assert requested_backend() == "cpp"
+        with pyops.backend("auto"):
+            assert requested_backend() == "auto"
+        assert requested_backend() == "cpp"
+    assert requested_backend() == "triton"
+    with pytest.raises(ValueError, match="pyops.backend"):
+        with pyops.backend("gpu"):
+            pass
+
+
+@pytest.mark.skipif(not triton_interpreted(), reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+def test_triton_backend_runs_cpu_tensors_in_interpreter(monkeypatch):
+    monkeypatch.setenv("PYOPS_BACKEND", "triton")
+    x = torch.randn(10)
+    assert select(x) == "triton"
+    torch.testing.assert_close(pyops.functional.sigmoid(x), torch.sigmoid(x))
+
+
+def test_cpp_backend_rejects_non_cpu_tensors():
+    meta = torch.empty(3, device="meta")
+    with pyops.backend("cpp"):
+        with pytest.raises(RuntimeError, match="C\\+\\+ backend runs CPU tensors only.*PYOPS_BACKEND=auto"):
+            select(meta)
+    if torch.cuda.is_available():
+        with pyops.backend("cpp"), pytest.raises(RuntimeError, match="CPU tensors only"):
+            pyops.functional.sigmoid(torch.randn(3, device="cuda"))
+
+
+def test_mixed_devices_rejected():
+    with pytest.raises(RuntimeError, match="same device.*\\.to\\(device\\)"):
+        select(torch.empty(1), torch.empty(1, device="meta"))
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.ops.pyops.dropout(torch.randn(4, device="cuda"), torch.zeros(2, dtype=torch.int64), 0.5)
+
+
+def test_no_backend_for_other_devices():
+    with pytest.raises(RuntimeError, match="no backend for meta"):
+        select(torch.empty(1, device="meta"))
+
+
+def test_triton_on_cpu_without_interpreter_names_the_fix():
+    """In a fresh process without TRITON_INTERPRET, triton + CPU tensor is a clear error."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYOPS_BACKEND"] = "triton"
+    code = (
+        "import torch, pyops\n"
+        "try:\n"
+        "    pyops.functional.sigmoid(torch.randn(3))\n"
+        "except RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "RuntimeError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout and "PYOPS_BACKEND=cpp" in out.stdout
