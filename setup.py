@@ -10,6 +10,7 @@ import glob
 import os
 import platform
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -50,7 +51,10 @@ def simd_level():
     return "default"
 
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unknown-pragmas", *SIMD_FLAGS[simd_level()]]
+# torch >= 2.13 headers are written for C++20; older ones build as C++17.
+_torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+cxx_std = "-std=c++20" if _torch_version >= (2, 13) else "-std=c++17"
+cxx_flags = ["-O3", cxx_std, "-fopenmp", "-Wno-unknown-pragmas", *SIMD_FLAGS[simd_level()]]
 
 setup(
     packages=["pyops", "pyops.ops", "pyops.triton_kernels"],

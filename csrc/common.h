@@ -27,43 +27,39 @@ inline void check_same_layout(const at::Tensor& a, const char* an, const at::Ten
 
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
 // with key (seed_lo, seed_hi) and counter (ctr_lo, ctr_hi, offset_lo, offset_hi).
-// triton_kernels/philox.py computes the same function, so both backends draw the
-// same stream for the same (seed, offset). The rounds run over arrays of kPhiloxBatch
-// independent counters so the compiler vectorises them (64-bit multiplies in SIMD).
+// triton_kernels/common.py computes the same function, so both backends draw the
+// same stream for the same (seed, offset). Each call fills kPhiloxBatch consecutive
+// counters; the loop over them is what the compiler vectorises (the ten rounds are
+// unrolled inside it, 32x32->64-bit multiplies in SIMD lanes).
 constexpr int64_t kPhiloxBatch = 16;
 
-inline void philox_batch(uint64_t first_counter, int64_t count, uint64_t seed, uint64_t offset,
+inline void philox_batch(uint64_t first_counter, uint64_t seed, uint64_t offset,
                          uint32_t words[kPhiloxBatch][4]) {
   constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
   constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
-  uint32_t c0[kPhiloxBatch], c1[kPhiloxBatch], c2[kPhiloxBatch], c3[kPhiloxBatch];
+  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t o0 = static_cast<uint32_t>(offset), o1 = static_cast<uint32_t>(offset >> 32);
   for (int64_t j = 0; j < kPhiloxBatch; ++j) {
-    const uint64_t ctr = first_counter + static_cast<uint64_t>(j < count ? j : 0);
-    c0[j] = static_cast<uint32_t>(ctr);
-    c1[j] = static_cast<uint32_t>(ctr >> 32);
-    c2[j] = static_cast<uint32_t>(offset);
-    c3[j] = static_cast<uint32_t>(offset >> 32);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int64_t j = 0; j < kPhiloxBatch; ++j) {
-      const uint64_t pa = static_cast<uint64_t>(kRoundA) * c0[j];
-      const uint64_t pb = static_cast<uint64_t>(kRoundB) * c2[j];
-      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[j] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[j] ^ k1;
-      c1[j] = static_cast<uint32_t>(pb);
-      c3[j] = static_cast<uint32_t>(pa);
-      c0[j] = n0;
-      c2[j] = n2;
+    const uint64_t ctr = first_counter + static_cast<uint64_t>(j);
+    uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32);
+    uint32_t c2 = o0, c3 = o1, k0 = s0, k1 = s1;
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t pa = static_cast<uint64_t>(kRoundA) * c0;
+      const uint64_t pb = static_cast<uint64_t>(kRoundB) * c2;
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+      c1 = static_cast<uint32_t>(pb);
+      c3 = static_cast<uint32_t>(pa);
+      c0 = n0;
+      c2 = n2;
+      k0 += kKeyA;
+      k1 += kKeyB;
     }
-    k0 += kKeyA;
-    k1 += kKeyB;
-  }
-  for (int64_t j = 0; j < kPhiloxBatch; ++j) {
-    words[j][0] = c0[j];
-    words[j][1] = c1[j];
-    words[j][2] = c2[j];
-    words[j][3] = c3[j];
+    words[j][0] = c0;
+    words[j][1] = c1;
+    words[j][2] = c2;
+    words[j][3] = c3;
   }
 }
 

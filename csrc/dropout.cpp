@@ -7,6 +7,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
 
 #include "common.h"
 
@@ -42,17 +45,28 @@ void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Ten
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_counters, kGrainCounters, [&](int64_t cbegin, int64_t cend) {
+      // Locals, not captured references: the compiler must see that the stores
+      // below cannot change them, or it will not vectorise the mask loop.
+      const uint32_t t = thr;
+      const opmath_t sc = s;
       uint32_t words[kPhiloxBatch][4];
       for (int64_t c = cbegin; c < cend; c += kPhiloxBatch) {
-        const int64_t count = std::min<int64_t>(kPhiloxBatch, cend - c);
-        philox_batch(static_cast<uint64_t>(c), count, seed, offset, words);
+        philox_batch(static_cast<uint64_t>(c), seed, offset, words);
+        // words, read flat, hold one word per element in element order.
+        const uint32_t* w = &words[0][0];
         const int64_t first = c * 4;
-        const int64_t last = std::min<int64_t>(n, (c + count) * 4);
-        for (int64_t i = first; i < last; ++i) {
-          const uint32_t w = words[(i - first) >> 2][i & 3];
-          const opmath_t m = (w >> 8) >= thr ? s : opmath_t(0);
-          o[i] = static_cast<scalar_t>(static_cast<opmath_t>(in[i]) * m);
+        const int64_t len = std::min<int64_t>(n, std::min<int64_t>(c + kPhiloxBatch, cend) * 4) - first;
+        const scalar_t* src = in + first;
+        scalar_t* dst = o + first;
+        alignas(64) opmath_t m[kPhiloxBatch * 4];
+        for (int64_t k = 0; k < kPhiloxBatch * 4; ++k) m[k] = (w[k] >> 8) >= t ? sc : opmath_t(0);
+        int64_t k = 0;
+        if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+          using Vec = at::vec::Vectorized<scalar_t>;
+          for (; k + Vec::size() <= len; k += Vec::size())
+            (Vec::loadu(src + k) * Vec::loadu(m + k)).store(dst + k);
         }
+        for (; k < len; ++k) dst[k] = static_cast<scalar_t>(static_cast<opmath_t>(src[k]) * m[k]);
       }
     });
   });
@@ -68,8 +82,7 @@ at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n)
   uint32_t words[kPhiloxBatch][4];
   for (int64_t c = 0; c < n; c += kPhiloxBatch) {
     const int64_t count = std::min<int64_t>(kPhiloxBatch, n - c);
-    philox_batch(static_cast<uint64_t>(first) + static_cast<uint64_t>(c), count,
-                 static_cast<uint64_t>(seed),
+    philox_batch(static_cast<uint64_t>(first) + static_cast<uint64_t>(c), static_cast<uint64_t>(seed),
                  static_cast<uint64_t>(offset), words);
     for (int64_t j = 0; j < count; ++j)
       for (int k = 0; k < 4; ++k) o[(c + j) * 4 + k] = words[j][k];

@@ -1,0 +1,137 @@
+"""Sigmoid and Dropout: pyops vs torch, forward / backward / full, time and GB/s.
+
+    python benchmarks/bench_elementwise.py [--device cpu|cuda] [--full]
+
+GB/s counts the bytes each op must move (sigmoid: read x, write y; backward: read
+dy and y, write dx; dropout: read and write once each way, no mask), the same count
+for both providers.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyops  # noqa: E402
+from benchmarks import harness  # noqa: E402
+
+# Elements moved per element of the tensor, per mode.
+TRAFFIC = {
+    "sigmoid": {"forward": 2, "backward": 3, "full": 5},
+    "dropout": {"forward": 2, "backward": 2, "full": 4},
+}
+DROPOUT_P = 0.5
+
+
+def shapes(device: torch.device, full: bool):
+    if device.type == "cuda":
+        base = [(1 << 24,), (128, 64, 56, 56), (64, 256, 56, 56)]
+        return base + ([(128, 256, 112, 112)] if full else [])
+    base = [(1 << 20,), (32, 64, 56, 56)]
+    return base + ([(1 << 24,), (8, 256, 56, 56)] if full else [])
+
+
+def dtypes(device: torch.device, full: bool):
+    if device.type == "cuda":
+        return [torch.float32, torch.bfloat16, torch.float16]
+    return [torch.float32, torch.bfloat16] if full else [torch.float32]
+
+
+def _ops(op: str):
+    if op == "sigmoid":
+        return pyops.functional.sigmoid, torch.sigmoid
+    return (lambda x: pyops.functional.dropout(x, DROPOUT_P),
+            lambda x: torch.nn.functional.dropout(x, DROPOUT_P))
+
+
+def _correct(op: str, x: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    if op == "sigmoid":
+        tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(x.dtype, 1e-2)
+        return torch.allclose(ours.float(), theirs.float(), atol=tol, rtol=tol)
+    kept = ours != 0
+    frac = kept.float().mean().item()
+    scaled = (x.float() / (1 - DROPOUT_P))[kept]
+    return abs(frac - (1 - DROPOUT_P)) < 0.01 and torch.allclose(ours.float()[kept], scaled, rtol=1e-2, atol=1e-3)
+
+
+def run_case(op: str, shape, dtype, memory_format, device) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, dtype=dtype, device=device, generator=gen)
+    if memory_format is torch.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, theirs = _ops(op)
+    correct = _correct(op, x, ours(x), theirs(x))
+    xg = x.detach().requires_grad_()
+    y_ours, y_theirs = ours(xg), theirs(xg)
+    g = torch.randn_like(y_ours)
+    providers = {
+        "forward": {"pyops": lambda: ours(x), "torch": lambda: theirs(x)},
+        "backward": {
+            "pyops": lambda: torch.autograd.grad(y_ours, xg, g, retain_graph=True),
+            "torch": lambda: torch.autograd.grad(y_theirs, xg, g, retain_graph=True),
+        },
+        "full": {
+            "pyops": lambda: torch.autograd.grad(ours(xg), xg, g),
+            "torch": lambda: torch.autograd.grad(theirs(xg), xg, g),
+        },
+    }
+    rows = []
+    for mode, fns in providers.items():
+        t = harness.compare(fns, device)
+        nbytes = TRAFFIC[op][mode] * x.numel() * x.element_size()
+        rows.append({
+            "op": op, "mode": mode, "shape": list(shape), "dtype": str(dtype),
+            "format": "channels_last" if memory_format is torch.channels_last else "contiguous",
+            "pyops_ms": t["pyops"].median_ms, "pyops_p20_ms": t["pyops"].p20_ms, "pyops_p80_ms": t["pyops"].p80_ms,
+            "torch_ms": t["torch"].median_ms, "torch_p20_ms": t["torch"].p20_ms, "torch_p80_ms": t["torch"].p80_ms,
+            "speedup": t["torch"].median_ms / t["pyops"].median_ms,
+            "bytes": nbytes,
+            "pyops_gbps": nbytes / t["pyops"].median_ms / 1e6,
+            "torch_gbps": nbytes / t["torch"].median_ms / 1e6,
+            "correct": bool(correct),
+            "samples": t["pyops"].samples,
+        })
+    return rows
+
+
+def cases(device: torch.device, full: bool):
+    for op in ("sigmoid", "dropout"):
+        for dtype in dtypes(device, full):
+            for shape in shapes(device, full):
+                formats = [torch.contiguous_format] + ([torch.channels_last] if len(shape) == 4 else [])
+                for fmt in formats:
+                    yield op, shape, dtype, fmt
+
+
+def run(device: torch.device, full: bool = False, progress=None) -> list[dict]:
+    todo = list(cases(device, full))
+    rows = []
+    bar = progress(total=len(todo), desc="elementwise") if progress else None
+    for op, shape, dtype, fmt in todo:
+        rows += run_case(op, shape, dtype, fmt, device)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="more shapes and dtypes")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(device, args.full)
+    print(harness.format_table(rows))
+    path = harness.write_rows(rows, harness.environment(device), args.out or harness.default_out_dir(device), "elementwise")
+    print(f"rows written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

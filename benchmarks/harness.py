@@ -1,0 +1,158 @@
+"""The one benchmark harness every pyops benchmark uses.
+
+Honest timing: warm-up first; then pyops and the torch baseline are timed in
+alternating rounds in one process on the same tensors, and each provider's median
+and spread (20th-80th percentile) are reported. On a GPU each round is
+``triton.testing.do_bench`` (CUDA events, L2 flushed between calls); on the CPU
+wall-clock timing of enough calls to make a sample last about a millisecond.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _cpu_sample(fn: Callable[[], object], calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / calls
+
+
+def _gpu_sample(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+def compare(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int = 7,
+            min_sample_ms: float = 1.0) -> dict[str, Timing]:
+    """Time every provider in ``fns`` in ``rounds`` interleaved rounds; return a Timing each."""
+    names = list(fns)
+    calls = {}
+    for name in names:  # warm-up, and how many calls make one CPU sample
+        for _ in range(2):
+            fns[name]()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            calls[name] = 1
+        else:
+            one = _cpu_sample(fns[name], 1)
+            calls[name] = max(1, min(1000, int(min_sample_ms / max(one, 1e-6))))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            if device.type == "cuda":
+                samples[name].append(_gpu_sample(fns[name]))
+            else:
+                samples[name].append(_cpu_sample(fns[name], calls[name]))
+    return {
+        n: Timing(statistics.median(s), _percentile(s, 0.2), _percentile(s, 0.8), len(s))
+        for n, s in samples.items()
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    name = device_name(device)
+    if device.type == "cpu":
+        name = f"cpu-{torch.get_num_threads()}t"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        env["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    return env
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of result rows (one line per case)."""
+    header = ["op", "mode", "shape", "dtype", "format", "pyops ms", "torch ms", "speedup", "pyops GB/s", "torch GB/s", "ok"]
+    lines = [header]
+    for r in rows:
+        lines.append([
+            r["op"], r["mode"], "x".join(map(str, r["shape"])), r["dtype"].replace("torch.", ""), r["format"],
+            f"{r['pyops_ms']:.4f}", f"{r['torch_ms']:.4f}", f"{r['speedup']:.2f}",
+            f"{r['pyops_gbps']:.1f}", f"{r['torch_gbps']:.1f}", "yes" if r["correct"] else "NO",
+        ])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def write_rows(rows: list[dict], env: dict, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    return path
+
+
+def default_out_dir(device: torch.device) -> Path:
+    return Path(os.environ.get("PYOPS_BENCH_OUT", Path(__file__).resolve().parent / "results")) / device_slug(device)
