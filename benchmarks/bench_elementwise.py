@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
+import harness  # noqa: E402
+
 import pyops  # noqa: E402
-from benchmarks import harness  # noqa: E402
 
 # Elements moved per element of the tensor, per mode.
 TRAFFIC = {

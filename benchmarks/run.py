@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import bench_elementwise, harness  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
+import bench_elementwise  # noqa: E402
+import harness  # noqa: E402
 
 SUITES = {"elementwise": bench_elementwise}
 
