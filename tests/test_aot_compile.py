@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "pyops._aot", "--arch", "90"], env=env,
+    out = subprocess.run([sys.executable, "-P", "-m", "pyops._aot", "--arch", "90"], env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "all kernels compiled" in out.stdout

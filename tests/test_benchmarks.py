@@ -16,7 +16,10 @@ def test_compare_interleaves_and_reports_spread():
                         torch.device("cpu"), rounds=3, min_sample_ms=0.01)
     assert set(t) == {"a", "b"}
     assert all(v.samples == 3 and v.p20_ms <= v.median_ms <= v.p80_ms for v in t.values())
-    assert calls.count("a") == calls.count("b")
+    assert calls.count("a") >= 3 and calls.count("b") >= 3
+    # interleaved: after warm-up, neither provider runs all its samples in one block
+    timed = calls[6:]
+    assert timed[0] != timed[-1]
 
 
 def test_elementwise_rows_and_json(tmp_path):

@@ -84,6 +84,6 @@ def test_triton_on_cpu_without_interpreter_names_the_fix():
         "except RuntimeError as e:\n"
         "    print('RuntimeError:', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "RuntimeError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout and "PYOPS_BACKEND=cpp" in out.stdout
