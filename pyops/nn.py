@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import functional as F
+from .functional import dropout, sigmoid
 
 __all__ = ["Dropout", "Sigmoid"]
 
@@ -17,11 +17,11 @@ class Sigmoid(torch.nn.Sigmoid):
     """torch.nn.Sigmoid running pyops kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.sigmoid(input)
+        return sigmoid(input)
 
 
 class Dropout(torch.nn.Dropout):
     """torch.nn.Dropout running pyops kernels."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace)
+        return dropout(input, self.p, self.training, self.inplace)
