@@ -9,6 +9,16 @@ void sigmoid_backward(const at::Tensor& grad_output, const at::Tensor& output,
 void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Tensor& seed_offset,
                    int64_t threshold, double scale);
 at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n);
+void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor& indices,
+                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation);
+void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& grad_input);
+void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::IntArrayRef kernel,
+                        at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
+                        int64_t divisor_override);
+void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_input, at::IntArrayRef kernel,
+                         at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
+                         int64_t divisor_override);
 }  // namespace pyops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,6 +27,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_backward", &pyops::sigmoid_backward, "sigmoid backward (CPU)");
   m.def("dropout_apply", &pyops::dropout_apply, "dropout forward/backward (CPU)");
   m.def("philox_blocks", &pyops::philox_blocks, "raw Philox4x32-10 blocks (CPU)");
+  m.def("max_pool2d_forward", &pyops::max_pool2d_forward, "max_pool2d forward (CPU)");
+  m.def("max_pool2d_backward", &pyops::max_pool2d_backward, "max_pool2d backward (CPU)");
+  m.def("avg_pool2d_forward", &pyops::avg_pool2d_forward, "avg_pool2d forward (CPU)");
+  m.def("avg_pool2d_backward", &pyops::avg_pool2d_backward, "avg_pool2d backward (CPU)");
   m.def("simd_level", []() {
 #if defined(CPU_CAPABILITY_AVX512)
     return "AVX512";

@@ -19,7 +19,7 @@ INT_TYPES = ("i32", "i64")  # Triton types a Python int by its value: both width
 
 def kernel_specs():
     """Yield (name, jit function, signature, constexprs, num_warps) for every kernel variant."""
-    from .triton_kernels import common, dropout, sigmoid
+    from .triton_kernels import common, dropout, pooling, sigmoid
 
     for dt, it, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, sigmoid.CONFIGS):
         block = {"BLOCK": cfg.kwargs["BLOCK"]}
@@ -33,6 +33,31 @@ def kernel_specs():
                {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "seed_offset_ptr": "*i64", "n": it, "threshold": "i32",
                 "scale": "fp64", "BLOCK": "constexpr"},
                {"BLOCK": cfg.kwargs["BLOCK"]}, cfg.num_warps)
+    geometry = ["total", "C", "H", "W", "OH", "OW"]
+    for dt, it, cl, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, (False, True), pooling.CONFIGS):
+        ints = lambda names: {name: it for name in names}  # noqa: E731
+        meta = {"CHANNELS_LAST": cl, "BLOCK": cfg.kwargs["BLOCK"]}
+        window = ["KH", "KW", "SH", "SW", "PH", "PW"]
+        yield ("max_pool2d_forward", pooling.max_pool2d_forward_kernel,
+               {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "idx_ptr": "*i64", **ints(geometry),
+                **ints(["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"]), **ints(window + ["DH", "DW"]),
+                "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}, meta, cfg.num_warps)
+        yield ("max_pool2d_backward", pooling.max_pool2d_backward_kernel,
+               {"go_ptr": f"*{dt}", "idx_ptr": "*i64", "gi_ptr": f"*{dt}", **ints(geometry),
+                **ints(["sgn", "sgc", "sgh", "sgw", "sjn", "sjc", "sjh", "sjw"]), **ints(window + ["DH", "DW"]),
+                "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}, meta, cfg.num_warps)
+        for cip in (False, True):
+            yield ("avg_pool2d_forward", pooling.avg_pool2d_forward_kernel,
+                   {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ints(geometry),
+                    **ints(["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"]),
+                    **ints(window + ["divisor_override"]),
+                    "COUNT_INCLUDE_PAD": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"},
+                   {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
+            yield ("avg_pool2d_backward", pooling.avg_pool2d_backward_kernel,
+                   {"go_ptr": f"*{dt}", "gi_ptr": f"*{dt}", **ints(geometry), **ints(["sgn", "sgc", "sgh", "sgw"]),
+                    **ints(window + ["divisor_override"]),
+                    "COUNT_INCLUDE_PAD": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"},
+                   {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
     for it in INT_TYPES:
         yield ("philox_blocks", common.philox_blocks_kernel,
                {"out_ptr": "*i64", "seed": "i64", "offset": "i64", "first": it, "n": it, "BLOCK": "constexpr"},

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _pool
 from .ops.dropout import DropoutFunction, draw_seed_offset
+from .ops.pooling import AvgPool2dFunction, MaxPool2dFunction
 from .ops.sigmoid import SigmoidFunction
 
-__all__ = ["dropout", "sigmoid"]
+__all__ = ["avg_pool2d", "dropout", "max_pool2d", "sigmoid"]
 
 
 def _check_tensor(input, fn: str) -> None:
@@ -50,3 +52,47 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     _check_floating(input, "dropout")
     seed_offset = draw_seed_offset(input.device)
     return DropoutFunction.apply(input, seed_offset, float(p), bool(inplace))
+
+
+def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode, fn, max_pool):
+    _pool.check_input(input, fn)
+    kernel = _pool.pair(kernel_size, "kernel_size", fn)
+    empty_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+    stride = kernel if empty_stride else _pool.pair(stride, "stride", fn)
+    padding = _pool.pair(padding, "padding", fn)
+    dilation = _pool.pair(dilation, "dilation", fn)
+    _pool.check_geometry(input, kernel, stride, padding, dilation, ceil_mode, fn, max_pool)
+    batched = input if input.dim() == 4 else input.unsqueeze(0)
+    return batched, list(kernel), list(stride), list(padding), list(dilation)
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """2-D max pooling of an (N, C, H, W) or (C, H, W) input, as torch.nn.functional.max_pool2d.
+
+    ``stride=None`` means ``kernel_size``. With ``return_indices`` also returns int64
+    indices flat in each H*W plane (what torch.nn.MaxUnpool2d takes). NaN propagates
+    and ties pick the first maximum in the window, as in torch.
+    """
+    x, kernel, stride, padding, dilation = _pool_args(input, kernel_size, stride, padding, dilation,
+                                                      bool(ceil_mode), "max_pool2d", True)
+    out, indices = MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    if input.dim() == 3:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+
+
+def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor_override: int | None = None) -> Tensor:
+    """2-D average pooling of an (N, C, H, W) or (C, H, W) input, as torch.nn.functional.avg_pool2d.
+
+    The divisor is ``divisor_override`` if given, else the window size counting padding
+    (``count_include_pad``) or only the elements inside the input, exactly as torch.
+    """
+    if divisor_override is not None and divisor_override == 0:
+        raise RuntimeError("avg_pool2d: divisor must be not zero")
+    x, kernel, stride, padding, _ = _pool_args(input, kernel_size, stride, padding, 1, bool(ceil_mode),
+                                               "avg_pool2d", False)
+    out = AvgPool2dFunction.apply(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
+                                  int(divisor_override or 0))
+    return out.squeeze(0) if input.dim() == 3 else out

@@ -19,8 +19,9 @@ def test_all_kernels_compile_for_sm90():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "all kernels compiled" in out.stdout
     compiled = [line for line in out.stdout.splitlines() if line.startswith("ok")]
-    # 4 dtypes x 2 int widths x 2 configs for sigmoid fwd/bwd and dropout, plus philox
-    assert len(compiled) == 4 * 2 * 2 * 3 + 2
+    from pyops import _aot
+
+    assert len(compiled) == len(list(_aot.kernel_specs())) > 100
 
 
 def test_specs_cover_every_kernel():

@@ -19,7 +19,7 @@ def elementwise_config(configs, n: int):
     return configs[-1]
 
 
-def launch_elementwise(kernel, configs, n: int, device: torch.device, *args) -> None:
+def launch_elementwise(kernel, configs, n: int, device: torch.device, *args, **constexprs) -> None:
     """Launch ``kernel[grid](*args, BLOCK=...)`` with one program per BLOCK of ``n`` flat elements (none when n == 0)."""
     if n == 0:
         return
@@ -28,4 +28,4 @@ def launch_elementwise(kernel, configs, n: int, device: torch.device, *args) -> 
     grid = ((n + block - 1) // block,)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        kernel[grid](*args, BLOCK=block, num_warps=cfg.num_warps)
+        kernel[grid](*args, **constexprs, BLOCK=block, num_warps=cfg.num_warps)

@@ -1,0 +1,106 @@
+"""Window arithmetic of 2-D pooling, shared by both backends' launchers and the tests.
+
+Argument normalisation, torch's validation (with torch's error types and messages),
+the output size rule (incl. ceil_mode's "last window must start inside the input or
+the left padding") and the average-pool divisor. The kernels implement the same rules
+(csrc/pooling.cpp, triton_kernels/pooling.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def pair(value, name: str, fn: str, allow_none: bool = False) -> tuple[int, int]:
+    """torch's ``_pair`` with its errors: an int or a sequence of one or two ints."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
+        if isinstance(value, float):
+            raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, but found element of type float")
+        raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
+    if isinstance(value, int):
+        return (value, value)
+    values = tuple(value)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, but found element of type "
+                            f"{type(v).__name__}")
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) != 2:
+        what = {"kernel_size": "kernel_size must either be a single int, or a tuple of two ints",
+                "stride": "stride must either be omitted, a single int, or a tuple of two ints",
+                "padding": "padding must either be a single int, or a tuple of two ints",
+                "dilation": "dilation must be either a single int, or a tuple of two ints"}[name]
+        raise RuntimeError(f"{fn}: {what}")
+    return values
+
+
+def output_size(size: int, kernel: int, pad: int, stride: int, dilation: int, ceil_mode: bool) -> int:
+    """torch's pooling_output_shape for one spatial dimension."""
+    numerator = size + 2 * pad - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = numerator // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def check_input(input: torch.Tensor, fn: str) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    ok = (input.dim() == 3 and all(s != 0 for s in input.shape)) or \
+         (input.dim() == 4 and input.shape[1] != 0 and input.shape[2] != 0 and input.shape[3] != 0)
+    if not ok:
+        raise RuntimeError(f"{fn}: Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for "
+                           f"input, but got: {list(input.shape)}")
+    if not input.is_floating_point():
+        raise RuntimeError(f"{fn}: expected a floating-point input, got {input.dtype}")
+
+
+def check_geometry(input: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bool, fn: str,
+                   max_pool: bool) -> tuple[int, int]:
+    """torch's pool2d_shape_check; returns the output size (OH, OW)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if kh <= 0 or kw <= 0:
+        raise RuntimeError(f"{fn}: kernel size should be greater than zero, but got kH: {kh} kW: {kw}")
+    if sh <= 0 or sw <= 0:
+        raise RuntimeError(f"{fn}: stride should be greater than zero, but got dH: {sh} dW: {sw}")
+    if dh <= 0 or dw <= 0:
+        raise RuntimeError(f"{fn}: dilation should be greater than zero, but got dilationH: {dh} dilationW: {dw}")
+    if ph < 0 or pw < 0:
+        raise RuntimeError(f"{fn}: pad must be non-negative, but got padH: {ph} padW: {pw}")
+    if max_pool:
+        if ph > ((kh - 1) * dh + 1) // 2 or pw > ((kw - 1) * dw + 1) // 2:
+            raise RuntimeError(f"{fn}: pad should be at most half of effective kernel size, but got "
+                               f"pad={ph if ph > ((kh - 1) * dh + 1) // 2 else pw}, kernel_size="
+                               f"{kh if ph > ((kh - 1) * dh + 1) // 2 else kw} and dilation={dh}")
+    elif ph > kh // 2 or pw > kw // 2:
+        raise RuntimeError(f"{fn}: pad should be smaller than or equal to half of kernel size, but got "
+                           f"padW = {pw}, padH = {ph}, kW = {kw}, kH = {kh}")
+    H, W = input.shape[-2:]
+    oh = output_size(H, kh, ph, sh, dh, ceil_mode)
+    ow = output_size(W, kw, pw, sw, dw, ceil_mode)
+    if oh < 1 or ow < 1:
+        c = input.shape[-3]
+        raise RuntimeError(f"{fn}: Given input size: ({c}x{H}x{W}). Calculated output size: ({c}x{oh}x{ow}). "
+                           "Output size is too small")
+    return oh, ow
+
+
+def avg_divisor(oh: int, ow: int, size, kernel, stride, padding, count_include_pad: bool,
+                divisor_override: int | None) -> int:
+    """torch's avg_pool2d divisor of output (oh, ow) (for tests and documentation)."""
+    if divisor_override:
+        return divisor_override
+    (H, W), (kh, kw), (sh, sw), (ph, pw) = size, kernel, stride, padding
+    hs, ws = oh * sh - ph, ow * sw - pw
+    he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
+    if count_include_pad:
+        return (he - hs) * (we - ws)
+    return (min(he, H) - max(hs, 0)) * (min(we, W) - max(ws, 0))
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """torch's suggest_memory_format for 4-D tensors: channels_last when that is its layout."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+

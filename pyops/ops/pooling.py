@@ -1,0 +1,174 @@
+"""Max and average pooling: launchers, the ``pyops::*_pool2d_*`` operators and Functions.
+
+Operators take 4-D tensors of any strides (the kernels index through strides); the
+outputs are NCHW-contiguous, or channels_last when the input is (torch's rule).
+Backward needs only the input's shape and layout, not the input itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._dispatch import cpp_extension, select, triton_kernels
+from .._pool import is_channels_last, output_size
+from ._launch import launch_elementwise
+
+
+def _empty(shape, like: Tensor, channels_last: bool, dtype=None) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def _out_shape(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> list[int]:
+    return [x.shape[0], x.shape[1],
+            output_size(x.shape[2], kernel[0], padding[0], stride[0], dilation[0], ceil_mode),
+            output_size(x.shape[3], kernel[1], padding[1], stride[1], dilation[1], ceil_mode)]
+
+
+# ---------------------------------------------------------------- max pooling
+
+
+@torch.library.custom_op("pyops::max_pool2d_forward", mutates_args=())
+def max_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                       dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    """(output, indices) of 2-D max pooling over a 4-D ``x``; indices are flat in each H*W plane."""
+    cl = is_channels_last(x)
+    shape = _out_shape(x, kernel, stride, padding, dilation, ceil_mode)
+    out = _empty(shape, x, cl)
+    idx = _empty(shape, x, cl, torch.int64)
+    if out.numel() == 0:
+        return out, idx
+    if select(x) == "cpp":
+        cpp_extension().max_pool2d_forward(x, out, idx, kernel, stride, padding, dilation)
+    else:
+        k = triton_kernels().pooling
+        launch_elementwise(k.max_pool2d_forward_kernel, k.CONFIGS, out.numel(), x.device,
+                           x, out, idx, out.numel(), x.shape[1], x.shape[2], x.shape[3], shape[2], shape[3],
+                           *x.stride(), *out.stride(), *kernel, *stride, *padding, *dilation, CHANNELS_LAST=cl)
+    return out, idx
+
+
+@max_pool2d_forward.register_fake
+def _(x, kernel, stride, padding, dilation, ceil_mode):
+    cl = is_channels_last(x)
+    shape = _out_shape(x, kernel, stride, padding, dilation, ceil_mode)
+    return _empty(shape, x, cl), _empty(shape, x, cl, torch.int64)
+
+
+@torch.library.custom_op("pyops::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[int], channels_last: bool,
+                        kernel: list[int], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """Gradient of max pooling: each input element receives the gradients of the windows it is the max of."""
+    grad_input = _empty(input_size, grad_output, channels_last)
+    if grad_input.numel() == 0:
+        return grad_input
+    if select(grad_output, indices) == "cpp":
+        cpp_extension().max_pool2d_backward(grad_output, indices, grad_input)
+    else:
+        k = triton_kernels().pooling
+        N, C, H, W = input_size
+        launch_elementwise(k.max_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
+                           grad_output, indices, grad_input, grad_input.numel(), C, H, W,
+                           grad_output.shape[2], grad_output.shape[3], *grad_output.stride(), *indices.stride(),
+                           *kernel, *stride, *padding, *dilation, CHANNELS_LAST=channels_last)
+    return grad_input
+
+
+@max_pool2d_backward.register_fake
+def _(grad_output, indices, input_size, channels_last, kernel, stride, padding, dilation):
+    return _empty(input_size, grad_output, channels_last)
+
+
+class MaxPool2dFunction(torch.autograd.Function):
+    """2-D max pooling of a 4-D input; returns (output, indices), indices not differentiable."""
+
+    @staticmethod
+    def forward(x: Tensor, kernel, stride, padding, dilation, ceil_mode):
+        return torch.ops.pyops.max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernel, stride, padding, dilation, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_indices):
+        (indices,) = ctx.saved_tensors
+        grad = torch.ops.pyops.max_pool2d_backward(grad_output, indices, *ctx.geometry)
+        return grad, None, None, None, None, None
+
+
+# ---------------------------------------------------------------- average pooling
+
+
+@torch.library.custom_op("pyops::avg_pool2d_forward", mutates_args=())
+def avg_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+                       count_include_pad: bool, divisor_override: int) -> Tensor:
+    """2-D average pooling of a 4-D ``x``; ``divisor_override`` 0 means none (torch forbids 0 itself)."""
+    cl = is_channels_last(x)
+    out = _empty(_out_shape(x, kernel, stride, padding, (1, 1), ceil_mode), x, cl)
+    if out.numel() == 0:
+        return out
+    if select(x) == "cpp":
+        cpp_extension().avg_pool2d_forward(x, out, kernel, stride, padding, count_include_pad, divisor_override)
+    else:
+        k = triton_kernels().pooling
+        launch_elementwise(k.avg_pool2d_forward_kernel, k.CONFIGS, out.numel(), x.device,
+                           x, out, out.numel(), x.shape[1], x.shape[2], x.shape[3], out.shape[2], out.shape[3],
+                           *x.stride(), *out.stride(), *kernel, *stride, *padding, divisor_override,
+                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=cl)
+    return out
+
+
+@avg_pool2d_forward.register_fake
+def _(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return _empty(_out_shape(x, kernel, stride, padding, (1, 1), ceil_mode), x, is_channels_last(x))
+
+
+@torch.library.custom_op("pyops::avg_pool2d_backward", mutates_args=())
+def avg_pool2d_backward(grad_output: Tensor, input_size: list[int], channels_last: bool, kernel: list[int],
+                        stride: list[int], padding: list[int], count_include_pad: bool,
+                        divisor_override: int) -> Tensor:
+    """Gradient of average pooling: each input element sums grad / divisor over its windows."""
+    grad_input = _empty(input_size, grad_output, channels_last)
+    if grad_input.numel() == 0:
+        return grad_input
+    if select(grad_output) == "cpp":
+        cpp_extension().avg_pool2d_backward(grad_output, grad_input, kernel, stride, padding, count_include_pad,
+                                            divisor_override)
+    else:
+        k = triton_kernels().pooling
+        N, C, H, W = input_size
+        launch_elementwise(k.avg_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
+                           grad_output, grad_input, grad_input.numel(), C, H, W,
+                           grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
+                           *kernel, *stride, *padding, divisor_override,
+                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=channels_last)
+    return grad_input
+
+
+@avg_pool2d_backward.register_fake
+def _(grad_output, input_size, channels_last, kernel, stride, padding, count_include_pad, divisor_override):
+    return _empty(input_size, grad_output, channels_last)
+
+
+class AvgPool2dFunction(torch.autograd.Function):
+    """2-D average pooling of a 4-D input."""
+
+    @staticmethod
+    def forward(x: Tensor, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return torch.ops.pyops.avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
+                                                  divisor_override)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, kernel, stride, padding, _, count_include_pad, divisor_override = inputs
+        ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, count_include_pad,
+                        divisor_override)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = torch.ops.pyops.avg_pool2d_backward(grad_output, *ctx.geometry)
+        return grad, None, None, None, None, None, None

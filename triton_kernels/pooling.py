@@ -1,0 +1,178 @@
+"""Max and average pooling, forward and backward, for 4-D inputs of any strides.
+
+One program handles BLOCK elements of its output (forward: pooled outputs; backward:
+input gradients), numbered in that tensor's memory order (NCHW, or NHWC when
+CHANNELS_LAST) so stores are coalesced. Backward gathers: each input element sums the
+gradients of the windows that contain it (max: whose argmax it is), so no atomics and
+a deterministic result even for overlapping windows. Window arithmetic is the one of
+pyops/_pool.py and csrc/pooling.cpp.
+"""
+import triton
+import triton.language as tl
+
+from .common import to_opmath
+
+CONFIGS = [
+    triton.Config({"BLOCK": 256}, num_warps=4),
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+]
+
+
+@triton.jit
+def _decode(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
+    """(n, c, h, w) of flat index offs in a (N, C, H, W) tensor stored NCHW or NHWC."""
+    if CHANNELS_LAST:
+        c = offs % C
+        t = offs // C
+        w = t % W
+        t = t // W
+        h = t % H
+        n = t // H
+    else:
+        w = offs % W
+        t = offs // W
+        h = t % H
+        t = t // H
+        c = t % C
+        n = t // C
+    return n, c, h, w
+
+
+@triton.jit
+def _first_valid(start, step):
+    """The smallest start + k * step >= 0 (k >= 0): the first in-bounds row of a dilated window."""
+    neg = tl.maximum(-start, 0)
+    return start + ((neg + step - 1) // step) * step
+
+
+@triton.jit
+def _avg_divisor(hs, ws, H, W, KH, KW, PH, PW, divisor_override, COUNT_INCLUDE_PAD: tl.constexpr):
+    """torch's avg_pool2d divisor for windows starting at (hs, ws)."""
+    he = tl.minimum(hs + KH, H + PH)
+    we = tl.minimum(ws + KW, W + PW)
+    if COUNT_INCLUDE_PAD:
+        div = (he - hs) * (we - ws)
+    else:
+        div = (tl.minimum(he, H) - tl.maximum(hs, 0)) * (tl.minimum(we, W) - tl.maximum(ws, 0))
+    return tl.where(divisor_override != 0, divisor_override, div)  # 0 stands for none
+
+
+@triton.jit
+def max_pool2d_forward_kernel(x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
+                              sxn, sxc, sxh, sxw, son, soc, soh, sow,
+                              KH, KW, SH, SW, PH, PW, DH, DW,
+                              CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, c, oh, ow = _decode(offs, C, OH, OW, CHANNELS_LAST)
+    hs = oh * SH - PH
+    ws = ow * SW - PW
+    # torch's rule: start at -inf on the window's first in-bounds position; a strictly
+    # larger value or any NaN takes over, so ties keep the first and NaN propagates.
+    best_idx = _first_valid(hs, DH) * W + _first_valid(ws, DW)
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    if x_ptr.dtype.element_ty == tl.float64:
+        best = best.to(tl.float64)
+    base = n * sxn + c * sxc
+    for kh in range(0, KH):
+        h = hs + kh * DH
+        h_ok = mask & (h >= 0) & (h < H)
+        for kw in range(0, KW):
+            w = ws + kw * DW
+            ok = h_ok & (w >= 0) & (w < W)
+            v = to_opmath(tl.load(x_ptr + base + h * sxh + w * sxw, mask=ok, other=float("-inf")))
+            take = ok & ((v > best) | (v != v))
+            best = tl.where(take, v, best)
+            best_idx = tl.where(take, h * W + w, best_idx)
+    o = n * son + c * soc + oh * soh + ow * sow
+    tl.store(out_ptr + o, best.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(idx_ptr + o, best_idx.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def max_pool2d_backward_kernel(go_ptr, idx_ptr, gi_ptr, total, C, H, W, OH, OW,
+                               sgn, sgc, sgh, sgw, sjn, sjc, sjh, sjw,
+                               KH, KW, SH, SW, PH, PW, DH, DW,
+                               CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, c, ih, iw = _decode(offs, C, H, W, CHANNELS_LAST)
+    me = ih * W + iw
+    acc = tl.zeros((BLOCK,), tl.float32)
+    if gi_ptr.dtype.element_ty == tl.float64:
+        acc = acc.to(tl.float64)
+    gbase = n * sgn + c * sgc
+    jbase = n * sjn + c * sjc
+    for kh in range(0, KH):
+        hnum = ih + PH - kh * DH          # = oh * SH for the window whose tap kh is ih
+        hnum_c = tl.maximum(hnum, 0)
+        oh = hnum_c // SH
+        h_ok = mask & (hnum >= 0) & (hnum_c % SH == 0) & (oh < OH)
+        for kw in range(0, KW):
+            wnum = iw + PW - kw * DW
+            wnum_c = tl.maximum(wnum, 0)
+            ow = wnum_c // SW
+            ok = h_ok & (wnum >= 0) & (wnum_c % SW == 0) & (ow < OW)
+            j = tl.load(idx_ptr + jbase + oh * sjh + ow * sjw, mask=ok, other=-1)
+            g = tl.load(go_ptr + gbase + oh * sgh + ow * sgw, mask=ok & (j == me), other=0.0)
+            acc += to_opmath(g)
+    # grad_input is dense in the order offs counts, so offs is its storage offset
+    tl.store(gi_ptr + offs, acc.to(gi_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def avg_pool2d_forward_kernel(x_ptr, out_ptr, total, C, H, W, OH, OW,
+                              sxn, sxc, sxh, sxw, son, soc, soh, sow,
+                              KH, KW, SH, SW, PH, PW, divisor_override,
+                              COUNT_INCLUDE_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, c, oh, ow = _decode(offs, C, OH, OW, CHANNELS_LAST)
+    hs = oh * SH - PH
+    ws = ow * SW - PW
+    acc = tl.zeros((BLOCK,), tl.float32)
+    if x_ptr.dtype.element_ty == tl.float64:
+        acc = acc.to(tl.float64)
+    base = n * sxn + c * sxc
+    for kh in range(0, KH):
+        h = hs + kh
+        h_ok = mask & (h >= 0) & (h < H)
+        for kw in range(0, KW):
+            w = ws + kw
+            ok = h_ok & (w >= 0) & (w < W)
+            acc += to_opmath(tl.load(x_ptr + base + h * sxh + w * sxw, mask=ok, other=0.0))
+    div = _avg_divisor(hs, ws, H, W, KH, KW, PH, PW, divisor_override, COUNT_INCLUDE_PAD)
+    empty = (tl.maximum(hs, 0) >= tl.minimum(hs + KH, H)) | (tl.maximum(ws, 0) >= tl.minimum(ws + KW, W))
+    out = tl.where(empty, 0.0, acc / tl.where(div == 0, 1, div).to(acc.dtype))
+    o = n * son + c * soc + oh * soh + ow * sow
+    tl.store(out_ptr + o, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def avg_pool2d_backward_kernel(go_ptr, gi_ptr, total, C, H, W, OH, OW,
+                               sgn, sgc, sgh, sgw,
+                               KH, KW, SH, SW, PH, PW, divisor_override,
+                               COUNT_INCLUDE_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, c, ih, iw = _decode(offs, C, H, W, CHANNELS_LAST)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    if gi_ptr.dtype.element_ty == tl.float64:
+        acc = acc.to(tl.float64)
+    gbase = n * sgn + c * sgc
+    for kh in range(0, KH):
+        hnum = ih + PH - kh
+        hnum_c = tl.maximum(hnum, 0)
+        oh = hnum_c // SH
+        h_ok = mask & (hnum >= 0) & (hnum_c % SH == 0) & (oh < OH)
+        for kw in range(0, KW):
+            wnum = iw + PW - kw
+            wnum_c = tl.maximum(wnum, 0)
+            ow = wnum_c // SW
+            ok = h_ok & (wnum >= 0) & (wnum_c % SW == 0) & (ow < OW)
+            g = to_opmath(tl.load(go_ptr + gbase + oh * sgh + ow * sgw, mask=ok, other=0.0))
+            div = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, divisor_override,
+                               COUNT_INCLUDE_PAD)
+            acc += tl.where(ok, g / tl.where(div == 0, 1, div).to(acc.dtype), 0.0)
+    # grad_input is dense in the order offs counts, so offs is its storage offset
+    tl.store(gi_ptr + offs, acc.to(gi_ptr.dtype.element_ty), mask=mask)
