@@ -66,37 +66,8 @@ def run_case(op: str, shape, dtype, memory_format, device) -> list[dict]:
         x = x.contiguous(memory_format=torch.channels_last)
     ours, theirs = _ops(op)
     correct = _correct(op, x, ours(x), theirs(x))
-    xg = x.detach().requires_grad_()
-    y_ours, y_theirs = ours(xg), theirs(xg)
-    g = torch.randn_like(y_ours)
-    providers = {
-        "forward": {"pyops": lambda: ours(x), "torch": lambda: theirs(x)},
-        "backward": {
-            "pyops": lambda: torch.autograd.grad(y_ours, xg, g, retain_graph=True),
-            "torch": lambda: torch.autograd.grad(y_theirs, xg, g, retain_graph=True),
-        },
-        "full": {
-            "pyops": lambda: torch.autograd.grad(ours(xg), xg, g),
-            "torch": lambda: torch.autograd.grad(theirs(xg), xg, g),
-        },
-    }
-    rows = []
-    for mode, fns in providers.items():
-        t = harness.compare(fns, device)
-        nbytes = TRAFFIC[op][mode] * x.numel() * x.element_size()
-        rows.append({
-            "op": op, "mode": mode, "shape": list(shape), "dtype": str(dtype),
-            "format": "channels_last" if memory_format is torch.channels_last else "contiguous",
-            "pyops_ms": t["pyops"].median_ms, "pyops_p20_ms": t["pyops"].p20_ms, "pyops_p80_ms": t["pyops"].p80_ms,
-            "torch_ms": t["torch"].median_ms, "torch_p20_ms": t["torch"].p20_ms, "torch_p80_ms": t["torch"].p80_ms,
-            "speedup": t["torch"].median_ms / t["pyops"].median_ms,
-            "bytes": nbytes,
-            "pyops_gbps": nbytes / t["pyops"].median_ms / 1e6,
-            "torch_gbps": nbytes / t["torch"].median_ms / 1e6,
-            "correct": bool(correct),
-            "samples": t["pyops"].samples,
-        })
-    return rows
+    traffic = {mode: k * x.numel() * x.element_size() for mode, k in TRAFFIC[op].items()}
+    return harness.op_rows(op, x, ours, theirs, traffic, correct, device)
 
 
 def cases(device: torch.device, full: bool):
@@ -109,16 +80,7 @@ def cases(device: torch.device, full: bool):
 
 
 def run(device: torch.device, full: bool = False, progress=None) -> list[dict]:
-    todo = list(cases(device, full))
-    rows = []
-    bar = progress(total=len(todo), desc="elementwise") if progress else None
-    for op, shape, dtype, fmt in todo:
-        rows += run_case(op, shape, dtype, fmt, device)
-        if bar:
-            bar.update(1)
-    if bar:
-        bar.close()
-    return rows
+    return harness.run_cases("elementwise", list(cases(device, full)), lambda *c: run_case(*c, device), progress)
 
 
 def main(argv=None) -> int:

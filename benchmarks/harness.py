@@ -78,6 +78,60 @@ def compare(fns: dict[str, Callable[[], object]], device: torch.device, rounds: 
     }
 
 
+def op_rows(op: str, x: torch.Tensor, ours: Callable, theirs: Callable, traffic: dict[str, int],
+            correct: bool, device: torch.device, **extra) -> list[dict]:
+    """Time forward, backward and full (forward + backward) of ``ours`` and ``theirs`` on ``x``.
+
+    ``traffic[mode]`` is the number of bytes the op must move in that mode (the same
+    count for both providers); ``correct`` is the caller's check of ours against theirs.
+    """
+    xg = x.detach().requires_grad_()
+    y_ours, y_theirs = ours(xg), theirs(xg)
+    g = torch.randn_like(y_ours)
+    providers = {
+        "forward": {"pyops": lambda: ours(x), "torch": lambda: theirs(x)},
+        "backward": {
+            "pyops": lambda: torch.autograd.grad(y_ours, xg, g, retain_graph=True),
+            "torch": lambda: torch.autograd.grad(y_theirs, xg, g, retain_graph=True),
+        },
+        "full": {
+            "pyops": lambda: torch.autograd.grad(ours(xg), xg, g),
+            "torch": lambda: torch.autograd.grad(theirs(xg), xg, g),
+        },
+    }
+    rows = []
+    for mode, fns in providers.items():
+        t = compare(fns, device)
+        nbytes = traffic[mode]
+        rows.append({
+            "op": op, "mode": mode, "shape": list(x.shape), "dtype": str(x.dtype),
+            "format": "channels_last" if x.dim() == 4 and not x.is_contiguous() else "contiguous",
+            **extra,
+            "pyops_ms": t["pyops"].median_ms, "pyops_p20_ms": t["pyops"].p20_ms, "pyops_p80_ms": t["pyops"].p80_ms,
+            "torch_ms": t["torch"].median_ms, "torch_p20_ms": t["torch"].p20_ms, "torch_p80_ms": t["torch"].p80_ms,
+            "speedup": t["torch"].median_ms / t["pyops"].median_ms,
+            "bytes": nbytes,
+            "pyops_gbps": nbytes / t["pyops"].median_ms / 1e6,
+            "torch_gbps": nbytes / t["torch"].median_ms / 1e6,
+            "correct": bool(correct),
+            "samples": t["pyops"].samples,
+        })
+    return rows
+
+
+def run_cases(name: str, cases: list, run_case: Callable, progress=None) -> list[dict]:
+    """Run ``run_case(*case)`` for every case, with a progress bar when one is given."""
+    rows = []
+    bar = progress(total=len(cases), desc=name) if progress else None
+    for case in cases:
+        rows += run_case(*case)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    return rows
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -135,11 +189,12 @@ def environment(device: torch.device) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of result rows (one line per case)."""
-    header = ["op", "mode", "shape", "dtype", "format", "pyops ms", "torch ms", "speedup", "pyops GB/s", "torch GB/s", "ok"]
+    header = ["op", "mode", "shape", "dtype", "format", "config", "pyops ms", "torch ms", "speedup", "pyops GB/s", "torch GB/s", "ok"]
     lines = [header]
     for r in rows:
         lines.append([
             r["op"], r["mode"], "x".join(map(str, r["shape"])), r["dtype"].replace("torch.", ""), r["format"],
+            r.get("config", ""),
             f"{r['pyops_ms']:.4f}", f"{r['torch_ms']:.4f}", f"{r['speedup']:.2f}",
             f"{r['pyops_gbps']:.1f}", f"{r['torch_gbps']:.1f}", "yes" if r["correct"] else "NO",
         ])

@@ -16,9 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
 import bench_elementwise  # noqa: E402
+import bench_pooling  # noqa: E402
 import harness  # noqa: E402
 
-SUITES = {"elementwise": bench_elementwise}
+SUITES = {"elementwise": bench_elementwise, "pooling": bench_pooling}
 
 
 def _progress():

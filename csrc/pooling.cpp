@@ -13,6 +13,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -68,9 +69,115 @@ void for_each_plane_rows(const Geometry& g, const F& f) {
   });
 }
 
+// True when t is stored (N, H, W, C) densely: the layout where C is the unit-stride
+// dimension and the channels_last kernels below vectorise over it.
+bool nhwc_dense(const at::Tensor& t) {
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && t.size(1) > 1;
+}
+
 inline int64_t first_valid(int64_t start, int64_t step) {
   // smallest start + k * step >= 0 (k >= 0)
   return start >= 0 ? start : start + ((-start + step - 1) / step) * step;
+}
+
+
+// ---- channels_last (NHWC) kernels: one (n, oh) output row per task, the channel loop
+// innermost and unit-stride. The channel loops live in these small functions, whose
+// by-value sizes and __restrict pointers let the compiler vectorise them (a loop bound
+// read through a lambda's captured reference does not).
+
+template <typename scalar_t, typename acc_t>
+inline void max_update(const scalar_t* __restrict px, acc_t* __restrict best, int64_t* __restrict arg, int64_t C,
+                       int64_t pos) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(px[c]);
+    const bool take = (v > best[c]) | (v != v);
+    best[c] = take ? v : best[c];
+    arg[c] = take ? pos : arg[c];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void add_to(const scalar_t* __restrict px, acc_t* __restrict acc, int64_t C, acc_t scale) {
+  for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(px[c]) * scale;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_scaled(const acc_t* __restrict src, scalar_t* __restrict dst, int64_t C, acc_t scale) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(src[c] * scale);
+}
+
+void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, const at::Tensor& indices,
+                             const Geometry& g) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_max_pool2d_nhwc", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    int64_t* idx = indices.mutable_data_ptr<int64_t>();
+    const int64_t C = g.C;
+    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> best(C);
+      std::vector<int64_t> arg(C);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / g.OH, oh = t % g.OH;
+        const int64_t hs = oh * g.sH - g.pH;
+        const int64_t h0 = first_valid(hs, g.dH), h1 = std::min(hs + (g.kH - 1) * g.dH + 1, g.H);
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t ws = ow * g.sW - g.pW;
+          const int64_t w0 = first_valid(ws, g.dW), w1 = std::min(ws + (g.kW - 1) * g.dW + 1, g.W);
+          acc_t* __restrict b = best.data();
+          int64_t* __restrict a = arg.data();
+          const int64_t first = h0 * g.W + w0;
+          for (int64_t c = 0; c < C; ++c) {
+            b[c] = -std::numeric_limits<acc_t>::infinity();
+            a[c] = first;
+          }
+          for (int64_t h = h0; h < h1; h += g.dH) {
+            for (int64_t w = w0; w < w1; w += g.dW) {
+              max_update(in + ((n * g.H + h) * g.W + w) * C, b, a, C, h * g.W + w);
+            }
+          }
+          const int64_t o = ((n * g.OH + oh) * g.OW + ow) * C;
+          store_scaled(b, out + o, C, acc_t(1));
+          std::copy(a, a + C, idx + o);
+        }
+      }
+    });
+  });
+}
+
+// Backward tasks are (n, channel block) pairs: each owns its slice of grad_input, so
+// the scatter needs no atomics and runs in a fixed order (deterministic).
+constexpr int64_t kChannelBlock = 64;
+
+void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& indices,
+                              const at::Tensor& grad_input) {
+  const int64_t N = grad_input.size(0), C = grad_input.size(1), H = grad_input.size(2), W = grad_input.size(3);
+  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_max_pool2d_backward_nhwc", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    const int64_t* idx = indices.const_data_ptr<int64_t>();
+    scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
+        acc.assign(H * W * cb, acc_t(0));
+        for (int64_t o = 0; o < OH * OW; ++o) {
+          const int64_t* pi = idx + (n * OH * OW + o) * C + c0;
+          const scalar_t* pg = go + (n * OH * OW + o) * C + c0;
+          for (int64_t c = 0; c < cb; ++c) {
+            const int64_t i = pi[c];
+            TORCH_CHECK(i >= 0 && i < H * W, "max_pool2d_backward: index ", i, " out of range");
+            acc[i * cb + c] += static_cast<acc_t>(pg[c]);
+          }
+        }
+        for (int64_t p = 0; p < H * W; ++p) store_scaled(acc.data() + p * cb, gi + (n * H * W + p) * C + c0, cb, acc_t(1));
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -84,6 +191,10 @@ void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const
   TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
   TORCH_CHECK(output.sizes() == indices.sizes(), "output and indices must have the same shape");
   const Geometry g = geometry(input, output, kernel, stride, padding, dilation);
+  if (nhwc_dense(input) && nhwc_dense(output) && nhwc_dense(indices)) {
+    max_pool2d_forward_nhwc(input, output, indices, g);
+    return;
+  }
   const Strides4 si(input), so(output), sx(indices);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_max_pool2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -129,6 +240,10 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
   TORCH_CHECK(grad_output.sizes() == indices.sizes(), "grad_output and indices must have the same shape");
   const int64_t N = grad_input.size(0), C = grad_input.size(1), H = grad_input.size(2), W = grad_input.size(3);
   const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  if (nhwc_dense(grad_output) && nhwc_dense(indices) && nhwc_dense(grad_input)) {
+    max_pool2d_backward_nhwc(grad_output, indices, grad_input);
+    return;
+  }
   const Strides4 sg(grad_output), sx(indices), si(grad_input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_max_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -167,6 +282,72 @@ inline int64_t avg_divisor(int64_t hs, int64_t ws, const Geometry& g, bool count
   return (std::min(he, g.H) - std::max<int64_t>(hs, 0)) * (std::min(we, g.W) - std::max<int64_t>(ws, 0));
 }
 
+
+// Channels_last average pooling, laid out as the max-pool kernels above.
+void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, const Geometry& g,
+                             bool count_include_pad, int64_t divisor_override) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_avg_pool2d_nhwc", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    const int64_t C = g.C;
+    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(C);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / g.OH, oh = t % g.OH;
+        const int64_t hs = oh * g.sH - g.pH;
+        const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(hs + g.kH, g.H);
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          const int64_t ws = ow * g.sW - g.pW;
+          const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(ws + g.kW, g.W);
+          acc_t* __restrict s = sum.data();
+          std::fill(sum.begin(), sum.end(), acc_t(0));
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t w = w0; w < w1; ++w) add_to(in + ((n * g.H + h) * g.W + w) * C, s, C, acc_t(1));
+          const bool empty = h0 >= h1 || w0 >= w1;
+          const acc_t scale = empty ? acc_t(0)
+                                    : acc_t(1) / static_cast<acc_t>(avg_divisor(hs, ws, g, count_include_pad,
+                                                                                divisor_override));
+          store_scaled(s, out + ((n * g.OH + oh) * g.OW + ow) * C, C, scale);
+        }
+      }
+    });
+  });
+}
+
+void avg_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& grad_input, const Geometry& g,
+                              bool count_include_pad, int64_t divisor_override) {
+  const int64_t C = g.C, blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_avg_pool2d_backward_nhwc", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+    scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
+        acc.assign(g.H * g.W * cb, acc_t(0));
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const int64_t hs = oh * g.sH - g.pH;
+          const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(hs + g.kH, g.H);
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            const int64_t ws = ow * g.sW - g.pW;
+            const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(ws + g.kW, g.W);
+            if (h0 >= h1 || w0 >= w1) continue;
+            const acc_t scale =
+                acc_t(1) / static_cast<acc_t>(avg_divisor(hs, ws, g, count_include_pad, divisor_override));
+            const scalar_t* pg = go + ((n * g.OH + oh) * g.OW + ow) * C + c0;
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w = w0; w < w1; ++w) add_to(pg, acc.data() + (h * g.W + w) * cb, cb, scale);
+          }
+        }
+        for (int64_t p = 0; p < g.H * g.W; ++p)
+          store_scaled(acc.data() + p * cb, gi + (n * g.H * g.W + p) * C + c0, cb, acc_t(1));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::IntArrayRef kernel,
@@ -176,6 +357,10 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
   check_pool_tensor(output, "output");
   const std::vector<int64_t> one{1, 1};
   const Geometry g = geometry(input, output, kernel, stride, padding, one);
+  if (nhwc_dense(input) && nhwc_dense(output)) {
+    avg_pool2d_forward_nhwc(input, output, g, count_include_pad, divisor_override);
+    return;
+  }
   const Strides4 si(input), so(output);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_avg_pool2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -209,6 +394,10 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
   check_pool_tensor(grad_input, "grad_input");
   const std::vector<int64_t> one{1, 1};
   const Geometry g = geometry(grad_input, grad_output, kernel, stride, padding, one);
+  if (nhwc_dense(grad_output) && nhwc_dense(grad_input)) {
+    avg_pool2d_backward_nhwc(grad_output, grad_input, g, count_include_pad, divisor_override);
+    return;
+  }
   const Strides4 sg(grad_output), si(grad_input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_avg_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;

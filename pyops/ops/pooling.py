@@ -19,6 +19,11 @@ def _empty(shape, like: Tensor, channels_last: bool, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+def _dense_as(t: Tensor, channels_last: bool) -> Tensor:
+    """``t`` in the forward's output layout (a copy only when it is not: e.g. an expanded gradient)."""
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _out_shape(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> list[int]:
     return [x.shape[0], x.shape[1],
             output_size(x.shape[2], kernel[0], padding[0], stride[0], dilation[0], ceil_mode),
@@ -62,6 +67,7 @@ def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[i
     grad_input = _empty(input_size, grad_output, channels_last)
     if grad_input.numel() == 0:
         return grad_input
+    grad_output = _dense_as(grad_output, channels_last)
     if select(grad_output, indices) == "cpp":
         cpp_extension().max_pool2d_backward(grad_output, indices, grad_input)
     else:
@@ -135,6 +141,7 @@ def avg_pool2d_backward(grad_output: Tensor, input_size: list[int], channels_las
     grad_input = _empty(input_size, grad_output, channels_last)
     if grad_input.numel() == 0:
         return grad_input
+    grad_output = _dense_as(grad_output, channels_last)
     if select(grad_output) == "cpp":
         cpp_extension().avg_pool2d_backward(grad_output, grad_input, kernel, stride, padding, count_include_pad,
                                             divisor_override)
