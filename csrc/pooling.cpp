@@ -52,6 +52,13 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& output, at::IntArra
           kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
 }
 
+// Tasks of at least this many window reads each, so small inputs do not pay for threads.
+constexpr int64_t kMinTaskWork = 16384;
+
+inline int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(work_per_task, 1));
+}
+
 // Run f(n, c, oh_begin, oh_end) over all planes, splitting output rows when N*C alone
 // cannot keep every thread busy.
 template <typename F>
@@ -60,7 +67,8 @@ void for_each_plane_rows(const Geometry& g, const F& f) {
   const int64_t threads = at::get_num_threads();
   const int64_t row_split = planes >= threads ? 1 : std::min<int64_t>(g.OH, (threads + planes - 1) / planes);
   const int64_t rows_per = (g.OH + row_split - 1) / std::max<int64_t>(row_split, 1);
-  at::parallel_for(0, planes * row_split, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(rows_per * g.OW * g.kH * g.kW);
+  at::parallel_for(0, planes * row_split, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t plane = t / row_split, part = t % row_split;
       const int64_t r0 = part * rows_per, r1 = std::min(g.OH, r0 + rows_per);
@@ -115,7 +123,7 @@ void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     const int64_t C = g.C;
-    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.OH, grain_for(g.OW * C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> best(C);
       std::vector<int64_t> arg(C);
       for (int64_t t = begin; t < end; ++t) {
@@ -160,7 +168,7 @@ void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& i
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * blocks, grain_for(H * W * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
@@ -250,7 +258,7 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(H * W);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / C, c = p % C;
@@ -291,7 +299,7 @@ void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     const int64_t C = g.C;
-    at::parallel_for(0, g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.OH, grain_for(g.OW * C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sum(C);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
@@ -322,7 +330,7 @@ void avg_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& g
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * blocks, grain_for(g.H * g.W * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
@@ -403,7 +411,7 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.N * g.C, grain_for(g.H * g.W * g.kH * g.kW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(g.H * g.W);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / g.C, c = p % g.C;

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
+from .._library import op
 from .._tensor import dense, dense_strides, with_strides
 from ._launch import launch_elementwise
 
@@ -45,7 +46,7 @@ def _launch(x: Tensor, out: Tensor, seed_offset: Tensor, p: float) -> None:
         launch_elementwise(k.dropout_kernel, k.CONFIGS, n, x.device, x, out, seed_offset, n, threshold, scale)
 
 
-@torch.library.custom_op("pyops::dropout", mutates_args=())
+@op("dropout(Tensor x, Tensor seed_offset, float p) -> Tensor")
 def dropout_op(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
     """x * keep * 1/(1-p) with the Philox mask of ``seed_offset``; same memory format as ``x``."""
     x = dense(x)
@@ -59,7 +60,7 @@ def _(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
     return torch.empty_like(dense(x))
 
 
-@torch.library.custom_op("pyops::dropout_", mutates_args=("x",))
+@op("dropout_(Tensor(a!) x, Tensor seed_offset, float p) -> ()")
 def dropout_inplace_op(x: Tensor, seed_offset: Tensor, p: float) -> None:
     """In-place dropout of ``x`` (a non-dense view is processed through a dense copy)."""
     if x.numel() == 0:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
+from .._library import op
 from .._pool import is_channels_last, output_size
 from ._launch import launch_elementwise
 
@@ -33,7 +34,8 @@ def _out_shape(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> list[
 # ---------------------------------------------------------------- max pooling
 
 
-@torch.library.custom_op("pyops::max_pool2d_forward", mutates_args=())
+@op("max_pool2d_forward(Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, bool ceil_mode) "
+    "-> (Tensor, Tensor)")
 def max_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding: list[int],
                        dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
     """(output, indices) of 2-D max pooling over a 4-D ``x``; indices are flat in each H*W plane."""
@@ -60,7 +62,8 @@ def _(x, kernel, stride, padding, dilation, ceil_mode):
     return _empty(shape, x, cl), _empty(shape, x, cl, torch.int64)
 
 
-@torch.library.custom_op("pyops::max_pool2d_backward", mutates_args=())
+@op("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[] input_size, bool channels_last, "
+    "int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor")
 def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[int], channels_last: bool,
                         kernel: list[int], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     """Gradient of max pooling: each input element receives the gradients of the windows it is the max of."""
@@ -89,15 +92,12 @@ class MaxPool2dFunction(torch.autograd.Function):
     """2-D max pooling of a 4-D input; returns (output, indices), indices not differentiable."""
 
     @staticmethod
-    def forward(x: Tensor, kernel, stride, padding, dilation, ceil_mode):
-        return torch.ops.pyops.max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, kernel, stride, padding, dilation, _ = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
+    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode):
+        out, indices = torch.ops.pyops.max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(indices)
         ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, dilation)
+        return out, indices
 
     @staticmethod
     def backward(ctx, grad_output, _grad_indices):
@@ -109,7 +109,8 @@ class MaxPool2dFunction(torch.autograd.Function):
 # ---------------------------------------------------------------- average pooling
 
 
-@torch.library.custom_op("pyops::avg_pool2d_forward", mutates_args=())
+@op("avg_pool2d_forward(Tensor x, int[] kernel, int[] stride, int[] padding, bool ceil_mode, "
+    "bool count_include_pad, int divisor_override) -> Tensor")
 def avg_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
                        count_include_pad: bool, divisor_override: int) -> Tensor:
     """2-D average pooling of a 4-D ``x``; ``divisor_override`` 0 means none (torch forbids 0 itself)."""
@@ -133,7 +134,8 @@ def _(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
     return _empty(_out_shape(x, kernel, stride, padding, (1, 1), ceil_mode), x, is_channels_last(x))
 
 
-@torch.library.custom_op("pyops::avg_pool2d_backward", mutates_args=())
+@op("avg_pool2d_backward(Tensor grad_output, SymInt[] input_size, bool channels_last, int[] kernel, "
+    "int[] stride, int[] padding, bool count_include_pad, int divisor_override) -> Tensor")
 def avg_pool2d_backward(grad_output: Tensor, input_size: list[int], channels_last: bool, kernel: list[int],
                         stride: list[int], padding: list[int], count_include_pad: bool,
                         divisor_override: int) -> Tensor:
@@ -165,15 +167,11 @@ class AvgPool2dFunction(torch.autograd.Function):
     """2-D average pooling of a 4-D input."""
 
     @staticmethod
-    def forward(x: Tensor, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
-        return torch.ops.pyops.avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
-                                                  divisor_override)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, kernel, stride, padding, _, count_include_pad, divisor_override = inputs
+    def forward(ctx, x: Tensor, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
         ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, count_include_pad,
                         divisor_override)
+        return torch.ops.pyops.avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
+                                                  divisor_override)
 
     @staticmethod
     def backward(ctx, grad_output):

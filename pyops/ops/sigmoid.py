@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
+from .._library import op
 from .._tensor import dense, with_strides
 from ._launch import launch_elementwise
 
@@ -26,7 +27,7 @@ def _launch_backward(grad_output: Tensor, output: Tensor, grad_input: Tensor) ->
         launch_elementwise(k.sigmoid_backward_kernel, k.CONFIGS, n, output.device, grad_output, output, grad_input, n)
 
 
-@torch.library.custom_op("pyops::sigmoid_forward", mutates_args=())
+@op("sigmoid_forward(Tensor x) -> Tensor")
 def sigmoid_forward(x: Tensor) -> Tensor:
     """y = 1 / (1 + exp(-x)), same shape and memory format as ``x``."""
     x = dense(x)
@@ -40,7 +41,7 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(dense(x))
 
 
-@torch.library.custom_op("pyops::sigmoid_backward", mutates_args=())
+@op("sigmoid_backward(Tensor grad_output, Tensor output) -> Tensor")
 def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     """grad_input = grad_output * y * (1 - y) from the forward's output ``y``."""
     output = dense(output)
@@ -58,13 +59,13 @@ def _(grad_output: Tensor, output: Tensor) -> Tensor:
 class SigmoidFunction(torch.autograd.Function):
     """Sigmoid whose forward and backward both run pyops kernels; saves only the output."""
 
+    # forward(ctx, ...) rather than setup_context: Function.apply binds a setup_context
+    # forward's signature with inspect on every call (tens of microseconds).
     @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return torch.ops.pyops.sigmoid_forward(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, x: Tensor) -> Tensor:
+        output = torch.ops.pyops.sigmoid_forward(x)
         ctx.save_for_backward(output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> Tensor:
