@@ -17,6 +17,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
 
@@ -258,22 +259,29 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    // A dense NCHW float/double plane accumulates in place; otherwise through a float buffer.
+    const bool direct = std::is_same_v<acc_t, scalar_t> && si.w == 1 && si.h == W;
     at::parallel_for(0, N * C, grain_for(H * W), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(H * W);
+      std::vector<acc_t> buffer(direct ? 0 : H * W);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / C, c = p % C;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
+        scalar_t* plane = gi + n * si.n + c * si.c;
+        acc_t* acc = direct ? reinterpret_cast<acc_t*>(plane) : buffer.data();
+        std::fill(acc, acc + H * W, acc_t(0));
+        bool in_range = true;
         for (int64_t oh = 0; oh < OH; ++oh) {
+          const int64_t* pi = idx + n * sx.n + c * sx.c + oh * sx.h;
+          const scalar_t* pg = go + n * sg.n + c * sg.c + oh * sg.h;
           for (int64_t ow = 0; ow < OW; ++ow) {
-            const int64_t i = idx[n * sx.n + c * sx.c + oh * sx.h + ow * sx.w];
-            TORCH_CHECK(i >= 0 && i < H * W, "max_pool2d_backward: index ", i, " out of range for a ", H, "x", W,
-                        " plane");
-            acc[i] += static_cast<acc_t>(go[n * sg.n + c * sg.c + oh * sg.h + ow * sg.w]);
+            const int64_t i = pi[ow * sx.w];
+            in_range &= i >= 0 && i < H * W;
+            acc[in_range ? i : 0] += static_cast<acc_t>(pg[ow * sg.w]);
           }
         }
-        scalar_t* plane = gi + n * si.n + c * si.c;
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w) plane[h * si.h + w * si.w] = static_cast<scalar_t>(acc[h * W + w]);
+        TORCH_CHECK(in_range, "max_pool2d_backward: an index is out of range for a ", H, "x", W, " plane");
+        if (!direct)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t w = 0; w < W; ++w) plane[h * si.h + w * si.w] = static_cast<scalar_t>(acc[h * W + w]);
       }
     });
   });

@@ -221,3 +221,24 @@ def test_modules_match_torch(backend_device, ours, theirs, kwargs):
         assert torch.equal(ya[1], yb[1])
         ya, yb = ya[0], yb[0]
     assert_close(ya, yb)
+
+
+@pytest.mark.parametrize("fn", ["max_pool2d", "avg_pool2d"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_expanded_and_strided_gradients(backend_device, fn, channels_last):
+    """Gradients that are not dense (out.sum() expands a scalar) give torch's result."""
+    x = _distinct((2, 3, 6, 7), torch.float64, backend_device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    getattr(pyops.functional, fn)(xa, 3, 2, 1).sum().backward()
+    getattr(torch.nn.functional, fn)(xb, 3, 2, 1).sum().backward()
+    assert_close(xa.grad, xb.grad)
+    # a gradient with permuted strides
+    xa.grad = xb.grad = None
+    ya = getattr(pyops.functional, fn)(xa, 2)
+    yb = getattr(torch.nn.functional, fn)(xb, 2)
+    g = torch.randn(ya.shape[::-1], dtype=ya.dtype, device=ya.device).permute(3, 2, 1, 0)
+    ya.backward(g)
+    yb.backward(g)
+    assert_close(xa.grad, xb.grad)
