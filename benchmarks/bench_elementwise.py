@@ -8,7 +8,6 @@ for both providers.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -83,19 +82,5 @@ def run(device: torch.device, full: bool = False, progress=None) -> list[dict]:
     return harness.run_cases("elementwise", list(cases(device, full)), lambda *c: run_case(*c, device), progress)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--full", action="store_true", help="more shapes and dtypes")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    rows = run(device, args.full)
-    print(harness.format_table(rows))
-    path = harness.write_rows(rows, harness.environment(device), args.out or harness.default_out_dir(device), "elementwise")
-    print(f"rows written to {path}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(harness.suite_main("elementwise", run, __doc__.splitlines()[0]))

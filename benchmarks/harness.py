@@ -211,3 +211,19 @@ def write_rows(rows: list[dict], env: dict, out_dir: Path, name: str) -> Path:
 
 def default_out_dir(device: torch.device) -> Path:
     return Path(os.environ.get("PYOPS_BENCH_OUT", Path(__file__).resolve().parent / "results")) / device_slug(device)
+
+
+def suite_main(name: str, run: Callable, description: str, argv=None) -> int:
+    """Command line of one suite script: run it, print its table, write its JSON rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="more shapes and dtypes")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON rows")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = run(device, args.full)
+    print(format_table(rows))
+    print(f"rows written to {write_rows(rows, environment(device), args.out or default_out_dir(device), name)}")
+    return 0

@@ -289,13 +289,25 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
 
 namespace {
 
-// torch's avg_pool2d divisor for the window starting at (hs, ws).
-inline int64_t avg_divisor(int64_t hs, int64_t ws, const Geometry& g, bool count_include_pad,
-                           int64_t divisor_override) {
-  if (divisor_override != 0) return divisor_override;  // 0 stands for none
+// The average-pool window of output (oh, ow): the input rows [h0, h1) and columns
+// [w0, w1) it sums, and the factor 1 / divisor with torch's divisor rule (0 for an
+// empty window, which torch outputs as 0 rather than 0/0).
+struct AvgWindow {
+  int64_t h0, h1, w0, w1;
+  double scale;
+};
+
+inline AvgWindow avg_window(int64_t oh, int64_t ow, const Geometry& g, bool count_include_pad,
+                            int64_t divisor_override) {
+  const int64_t hs = oh * g.sH - g.pH, ws = ow * g.sW - g.pW;
   const int64_t he = std::min(hs + g.kH, g.H + g.pH), we = std::min(ws + g.kW, g.W + g.pW);
-  if (count_include_pad) return (he - hs) * (we - ws);
-  return (std::min(he, g.H) - std::max<int64_t>(hs, 0)) * (std::min(we, g.W) - std::max<int64_t>(ws, 0));
+  AvgWindow win{std::max<int64_t>(hs, 0), std::min(he, g.H), std::max<int64_t>(ws, 0), std::min(we, g.W), 0.0};
+  if (win.h0 >= win.h1 || win.w0 >= win.w1) return win;
+  const int64_t div = divisor_override != 0 ? divisor_override  // 0 stands for none
+                      : count_include_pad   ? (he - hs) * (we - ws)
+                                            : (win.h1 - win.h0) * (win.w1 - win.w0);
+  win.scale = 1.0 / static_cast<double>(div);
+  return win;
 }
 
 
@@ -311,19 +323,13 @@ void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
       std::vector<acc_t> sum(C);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
-        const int64_t hs = oh * g.sH - g.pH;
-        const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(hs + g.kH, g.H);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const int64_t ws = ow * g.sW - g.pW;
-          const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(ws + g.kW, g.W);
+          const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
           acc_t* __restrict s = sum.data();
           std::fill(sum.begin(), sum.end(), acc_t(0));
-          for (int64_t h = h0; h < h1; ++h)
-            for (int64_t w = w0; w < w1; ++w) add_to(in + ((n * g.H + h) * g.W + w) * C, s, C, acc_t(1));
-          const bool empty = h0 >= h1 || w0 >= w1;
-          const acc_t scale = empty ? acc_t(0)
-                                    : acc_t(1) / static_cast<acc_t>(avg_divisor(hs, ws, g, count_include_pad,
-                                                                                divisor_override));
+          for (int64_t h = win.h0; h < win.h1; ++h)
+            for (int64_t w = win.w0; w < win.w1; ++w) add_to(in + ((n * g.H + h) * g.W + w) * C, s, C, acc_t(1));
+          const acc_t scale = static_cast<acc_t>(win.scale);
           store_scaled(s, out + ((n * g.OH + oh) * g.OW + ow) * C, C, scale);
         }
       }
@@ -344,17 +350,12 @@ void avg_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& g
         const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
         acc.assign(g.H * g.W * cb, acc_t(0));
         for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const int64_t hs = oh * g.sH - g.pH;
-          const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(hs + g.kH, g.H);
           for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const int64_t ws = ow * g.sW - g.pW;
-            const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(ws + g.kW, g.W);
-            if (h0 >= h1 || w0 >= w1) continue;
-            const acc_t scale =
-                acc_t(1) / static_cast<acc_t>(avg_divisor(hs, ws, g, count_include_pad, divisor_override));
+            const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
+            const acc_t scale = static_cast<acc_t>(win.scale);
             const scalar_t* pg = go + ((n * g.OH + oh) * g.OW + ow) * C + c0;
-            for (int64_t h = h0; h < h1; ++h)
-              for (int64_t w = w0; w < w1; ++w) add_to(pg, acc.data() + (h * g.W + w) * cb, cb, scale);
+            for (int64_t h = win.h0; h < win.h1; ++h)
+              for (int64_t w = win.w0; w < win.w1; ++w) add_to(pg, acc.data() + (h * g.W + w) * cb, cb, scale);
           }
         }
         for (int64_t p = 0; p < g.H * g.W; ++p)
@@ -385,18 +386,12 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
     for_each_plane_rows(g, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
       const scalar_t* plane = in + n * si.n + c * si.c;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        const int64_t hs = oh * g.sH - g.pH;
-        const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(hs + g.kH, g.H);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const int64_t ws = ow * g.sW - g.pW;
-          const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(ws + g.kW, g.W);
+          const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
           acc_t sum = 0;
-          for (int64_t h = h0; h < h1; ++h)
-            for (int64_t w = w0; w < w1; ++w) sum += static_cast<acc_t>(plane[h * si.h + w * si.w]);
-          const bool empty = h0 >= h1 || w0 >= w1;  // as torch: an empty window gives 0, not 0/0
-          const int64_t div = avg_divisor(hs, ws, g, count_include_pad, divisor_override);
-          out[n * so.n + c * so.c + oh * so.h + ow * so.w] =
-              static_cast<scalar_t>(empty ? acc_t(0) : sum / static_cast<acc_t>(div));
+          for (int64_t h = win.h0; h < win.h1; ++h)
+            for (int64_t w = win.w0; w < win.w1; ++w) sum += static_cast<acc_t>(plane[h * si.h + w * si.w]);
+          out[n * so.n + c * so.c + oh * so.h + ow * so.w] = static_cast<scalar_t>(sum * static_cast<acc_t>(win.scale));
         }
       }
     });
@@ -425,16 +420,12 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
         const int64_t n = p / g.C, c = p % g.C;
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const int64_t hs = oh * g.sH - g.pH;
-          const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(hs + g.kH, g.H);
           for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const int64_t ws = ow * g.sW - g.pW;
-            const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(ws + g.kW, g.W);
-            if (h0 >= h1 || w0 >= w1) continue;
-            const acc_t v = static_cast<acc_t>(go[n * sg.n + c * sg.c + oh * sg.h + ow * sg.w]) /
-                            static_cast<acc_t>(avg_divisor(hs, ws, g, count_include_pad, divisor_override));
-            for (int64_t h = h0; h < h1; ++h)
-              for (int64_t w = w0; w < w1; ++w) acc[h * g.W + w] += v;
+            const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
+            const acc_t v = static_cast<acc_t>(go[n * sg.n + c * sg.c + oh * sg.h + ow * sg.w]) *
+                            static_cast<acc_t>(win.scale);
+            for (int64_t h = win.h0; h < win.h1; ++h)
+              for (int64_t w = win.w0; w < win.w1; ++w) acc[h * g.W + w] += v;
           }
         }
         scalar_t* plane = gi + n * si.n + c * si.c;
