@@ -211,30 +211,34 @@ void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     for_each_plane_rows(g, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
-      const scalar_t* plane = in + n * si.n + c * si.c;
+      // Local copies: the int64 stores below could alias the captured structs'
+      // fields, which would force a reload of every loop bound after each store.
+      const Geometry G = g;
+      const Strides4 SI = si, SO = so, SX = sx;
+      const scalar_t* plane = in + n * SI.n + c * SI.c;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        const int64_t hs = oh * g.sH - g.pH;
-        const int64_t h0 = first_valid(hs, g.dH);
-        const int64_t h1 = std::min(hs + (g.kH - 1) * g.dH + 1, g.H);
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const int64_t ws = ow * g.sW - g.pW;
-          const int64_t w0 = first_valid(ws, g.dW);
-          const int64_t w1 = std::min(ws + (g.kW - 1) * g.dW + 1, g.W);
+        const int64_t hs = oh * G.sH - G.pH;
+        const int64_t h0 = first_valid(hs, G.dH);
+        const int64_t h1 = std::min(hs + (G.kH - 1) * G.dH + 1, G.H);
+        for (int64_t ow = 0; ow < G.OW; ++ow) {
+          const int64_t ws = ow * G.sW - G.pW;
+          const int64_t w0 = first_valid(ws, G.dW);
+          const int64_t w1 = std::min(ws + (G.kW - 1) * G.dW + 1, G.W);
           // torch's rule: start from the window's first in-bounds position at -inf;
           // a strictly larger value or any NaN takes over (ties keep the first).
-          int64_t best = h0 * g.W + w0;
+          int64_t best = h0 * G.W + w0;
           acc_t best_val = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t h = h0; h < h1; h += g.dH) {
-            for (int64_t w = w0; w < w1; w += g.dW) {
-              const acc_t v = static_cast<acc_t>(plane[h * si.h + w * si.w]);
-              if (v > best_val || std::isnan(v)) {
+          for (int64_t h = h0; h < h1; h += G.dH) {
+            for (int64_t w = w0; w < w1; w += G.dW) {
+              const acc_t v = static_cast<acc_t>(plane[h * SI.h + w * SI.w]);
+              if (v > best_val || v != v) {  // v != v: NaN
                 best_val = v;
-                best = h * g.W + w;
+                best = h * G.W + w;
               }
             }
           }
-          out[n * so.n + c * so.c + oh * so.h + ow * so.w] = static_cast<scalar_t>(best_val);
-          idx[n * sx.n + c * sx.c + oh * sx.h + ow * sx.w] = best;
+          out[n * SO.n + c * SO.c + oh * SO.h + ow * SO.w] = static_cast<scalar_t>(best_val);
+          idx[n * SX.n + c * SX.c + oh * SX.h + ow * SX.w] = best;
         }
       }
     });
@@ -384,14 +388,18 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     for_each_plane_rows(g, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
-      const scalar_t* plane = in + n * si.n + c * si.c;
+      // Local copies: the int64 stores below could alias the captured structs'
+      // fields, which would force a reload of every loop bound after each store.
+      const Geometry G = g;
+      const Strides4 SI = si, SO = so;
+      const scalar_t* plane = in + n * SI.n + c * SI.c;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
+        for (int64_t ow = 0; ow < G.OW; ++ow) {
+          const AvgWindow win = avg_window(oh, ow, G, count_include_pad, divisor_override);
           acc_t sum = 0;
           for (int64_t h = win.h0; h < win.h1; ++h)
-            for (int64_t w = win.w0; w < win.w1; ++w) sum += static_cast<acc_t>(plane[h * si.h + w * si.w]);
-          out[n * so.n + c * so.c + oh * so.h + ow * so.w] = static_cast<scalar_t>(sum * static_cast<acc_t>(win.scale));
+            for (int64_t w = win.w0; w < win.w1; ++w) sum += static_cast<acc_t>(plane[h * SI.h + w * SI.w]);
+          out[n * SO.n + c * SO.c + oh * SO.h + ow * SO.w] = static_cast<scalar_t>(sum * static_cast<acc_t>(win.scale));
         }
       }
     });
