@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import op
@@ -93,6 +94,7 @@ class DropoutFunction(torch.autograd.Function):
         return torch.ops.pyops.dropout(x, seed_offset, p)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: Tensor):
         (seed_offset,) = ctx.saved_tensors
         grad = with_strides(grad_output, ctx.stride)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import op
@@ -100,6 +101,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         return out, indices
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output, _grad_indices):
         (indices,) = ctx.saved_tensors
         grad = torch.ops.pyops.max_pool2d_backward(grad_output, indices, *ctx.geometry)
@@ -174,6 +176,7 @@ class AvgPool2dFunction(torch.autograd.Function):
                                                   divisor_override)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         grad = torch.ops.pyops.avg_pool2d_backward(grad_output, *ctx.geometry)
         return grad, None, None, None, None, None, None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import op
@@ -68,6 +69,7 @@ class SigmoidFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tensor:
         (output,) = ctx.saved_tensors
         return torch.ops.pyops.sigmoid_backward(grad_output, output)
