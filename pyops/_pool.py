@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def pair(value, name: str, fn: str, allow_none: bool = False) -> tuple[int, int]:
+def pair(value, name: str, fn: str) -> tuple[int, int]:
     """torch's ``_pair`` with its errors: an int or a sequence of one or two ints."""
-    if value is None and allow_none:
-        return None
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         if isinstance(value, float):
             raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, but found element of type float")

@@ -57,25 +57,38 @@ def _distinct(shape, dtype, device):
     return x.to(dtype).to(device)
 
 
+def _check_against_float64(ours, theirs, x, dtype):
+    """ours(x) against theirs on x in float64 (rounded to dtype): output, layout, gradient.
+
+    Returns (ours' extra outputs, the reference's) for op-specific checks (indices).
+    """
+    x = x.detach().requires_grad_()
+    xr = x.detach().double().requires_grad_()
+    out, ref = ours(x), theirs(xr)
+    extra = extra_ref = None
+    if isinstance(out, tuple):
+        (out, extra), (ref, extra_ref) = out, ref
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref.to(dtype))
+    if x.dim() == 4 and _pool.is_channels_last(x):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g.double())
+    assert_close(x.grad, xr.grad.to(dtype))
+    return extra, extra_ref
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", MAX_CASES, ids=str)
 def test_max_pool2d_matches_torch(backend_device, dtype, case):
     shape, k, s, p, d, ceil = case
     for x in _variants(_distinct(shape, dtype, backend_device)):
-        x = x.detach().requires_grad_()
-        xr = x.detach().double().requires_grad_()  # reference in float64, compared after rounding
-        out, idx = pyops.functional.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
-        ref, ref_idx = torch.nn.functional.max_pool2d(xr, k, s, p, d, ceil, return_indices=True)
-        assert out.shape == ref.shape and out.dtype == dtype
-        assert_close(out, ref.to(dtype))
-        assert torch.equal(idx, ref_idx)
+        idx, ref_idx = _check_against_float64(
+            lambda t: pyops.functional.max_pool2d(t, k, s, p, d, ceil, return_indices=True),
+            lambda t: torch.nn.functional.max_pool2d(t, k, s, p, d, ceil, return_indices=True), x, dtype)
         assert idx.dtype == torch.int64
-        if x.dim() == 4 and _pool.is_channels_last(x):
-            assert out.is_contiguous(memory_format=torch.channels_last)
-        g = torch.randn_like(out)
-        out.backward(g)
-        ref.backward(g.double())
-        assert_close(x.grad, xr.grad.to(dtype))
+        assert torch.equal(idx, ref_idx)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
@@ -83,18 +96,8 @@ def test_max_pool2d_matches_torch(backend_device, dtype, case):
 def test_avg_pool2d_matches_torch(backend_device, dtype, case):
     shape, k, s, p, ceil, cip, div = case
     for x in _variants(torch.randn(shape, dtype=torch.float64).to(dtype).to(backend_device)):
-        x = x.detach().requires_grad_()
-        xr = x.detach().double().requires_grad_()  # reference in float64, compared after rounding
-        out = pyops.functional.avg_pool2d(x, k, s, p, ceil, cip, div)
-        ref = torch.nn.functional.avg_pool2d(xr, k, s, p, ceil, cip, div)
-        assert out.shape == ref.shape and out.dtype == dtype
-        assert_close(out, ref.to(dtype))
-        if x.dim() == 4 and _pool.is_channels_last(x):
-            assert out.is_contiguous(memory_format=torch.channels_last)
-        g = torch.randn_like(out)
-        out.backward(g)
-        ref.backward(g.double())
-        assert_close(x.grad, xr.grad.to(dtype))
+        _check_against_float64(lambda t: pyops.functional.avg_pool2d(t, k, s, p, ceil, cip, div),
+                               lambda t: torch.nn.functional.avg_pool2d(t, k, s, p, ceil, cip, div), x, dtype)
 
 
 def test_max_pool2d_overlapping_windows_sum_gradients(backend_device):

@@ -76,7 +76,7 @@ def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[i
         cpp_extension().max_pool2d_backward(grad_output, indices, grad_input)
     else:
         k = triton_kernels().pooling
-        N, C, H, W = input_size
+        _, C, H, W = input_size
         launch_elementwise(k.max_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
                            grad_output, indices, grad_input, grad_input.numel(), C, H, W,
                            grad_output.shape[2], grad_output.shape[3], *grad_output.stride(), *indices.stride(),
@@ -151,7 +151,7 @@ def avg_pool2d_backward(grad_output: Tensor, input_size: list[int], channels_las
                                             divisor_override)
     else:
         k = triton_kernels().pooling
-        N, C, H, W = input_size
+        _, C, H, W = input_size
         launch_elementwise(k.avg_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
                            grad_output, grad_input, grad_input.numel(), C, H, W,
                            grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
