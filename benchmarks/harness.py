@@ -155,6 +155,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The short commit of this checkout (PYOPS_COMMIT overrides it, for copies without .git)."""
+    if os.environ.get("PYOPS_COMMIT"):
+        return os.environ["PYOPS_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
