@@ -34,30 +34,31 @@ def kernel_specs():
                 "scale": "fp64", "BLOCK": "constexpr"},
                {"BLOCK": cfg.kwargs["BLOCK"]}, cfg.num_warps)
     geometry = ["total", "C", "H", "W", "OH", "OW"]
-    for dt, it, cl, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, (False, True), pooling.CONFIGS):
+    # IDX64 is set whenever an offset may pass int32, so i64 arguments always come with it
+    widths = [("i32", False), ("i32", True), ("i64", True)]
+    for dt, (it, idx64), cl, cfg in itertools.product(FLOAT_TYPES, widths, (False, True), pooling.CONFIGS):
         ints = lambda names: {name: it for name in names}  # noqa: E731
-        meta = {"CHANNELS_LAST": cl, "BLOCK": cfg.kwargs["BLOCK"]}
+        meta = {"CHANNELS_LAST": cl, "IDX64": idx64, "BLOCK": cfg.kwargs["BLOCK"]}
+        flags = {"CHANNELS_LAST": "constexpr", "IDX64": "constexpr", "BLOCK": "constexpr"}
         window = ["KH", "KW", "SH", "SW", "PH", "PW"]
         yield ("max_pool2d_forward", pooling.max_pool2d_forward_kernel,
                {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "idx_ptr": "*i64", **ints(geometry),
                 **ints(["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"]), **ints(window + ["DH", "DW"]),
-                "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}, meta, cfg.num_warps)
+                **flags}, meta, cfg.num_warps)
         yield ("max_pool2d_backward", pooling.max_pool2d_backward_kernel,
                {"go_ptr": f"*{dt}", "idx_ptr": "*i64", "gi_ptr": f"*{dt}", **ints(geometry),
-                **ints(["sgn", "sgc", "sgh", "sgw", "sjn", "sjc", "sjh", "sjw"]), **ints(window + ["DH", "DW"]),
-                "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"}, meta, cfg.num_warps)
+                **ints(["sgn", "sgc", "sgh", "sgw", "sjn", "sjc", "sjh", "sjw"]),
+                **ints(window + ["DH", "DW", "NTH", "NTW"]), **flags}, meta, cfg.num_warps)
         for cip in (False, True):
             yield ("avg_pool2d_forward", pooling.avg_pool2d_forward_kernel,
                    {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ints(geometry),
                     **ints(["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"]),
-                    **ints(window + ["divisor_override"]),
-                    "COUNT_INCLUDE_PAD": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"},
+                    **ints(window + ["divisor_override"]), "COUNT_INCLUDE_PAD": "constexpr", **flags},
                    {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
             yield ("avg_pool2d_backward", pooling.avg_pool2d_backward_kernel,
                    {"go_ptr": f"*{dt}", "gi_ptr": f"*{dt}", **ints(geometry), **ints(["sgn", "sgc", "sgh", "sgw"]),
-                    **ints(window + ["divisor_override"]),
-                    "COUNT_INCLUDE_PAD": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"},
-                   {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
+                    **ints(window + ["divisor_override", "NTH", "NTW"]), "COUNT_INCLUDE_PAD": "constexpr",
+                    **flags}, {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
     for it in INT_TYPES:
         yield ("philox_blocks", common.philox_blocks_kernel,
                {"out_ptr": "*i64", "seed": "i64", "offset": "i64", "first": it, "n": it, "BLOCK": "constexpr"},

@@ -245,3 +245,22 @@ def test_expanded_and_strided_gradients(backend_device, fn, channels_last):
     ya.backward(g)
     yb.backward(g)
     assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("fn", ["max_pool2d", "avg_pool2d"])
+def test_int64_index_path_matches(fn, monkeypatch):
+    """The Triton kernels' int64 index variant (taken past 2^31 offsets) gives the int32 one's result."""
+    import pyops.ops.pooling as pooling_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
+    x = _distinct((2, 3, 9, 8), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    args = (3, 2, 1, 2, True) if fn == "max_pool2d" else (3, 2, 1, True, False)
+    results = []
+    for force in (False, True):
+        monkeypatch.setattr(pooling_ops, "needs_int64", lambda *t, force=force: force)
+        xi = x.clone().requires_grad_()
+        with pyops.backend("triton"):
+            out = getattr(pyops.functional, fn)(xi, *args)
+            out.backward(torch.arange(out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape))
+        results.append((out, xi.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -2,10 +2,13 @@
 
 One program handles BLOCK elements of its output (forward: pooled outputs; backward:
 input gradients), numbered in that tensor's memory order (NCHW, or NHWC when
-CHANNELS_LAST) so stores are coalesced. Backward gathers: each input element sums the
-gradients of the windows that contain it (max: whose argmax it is), so no atomics and
-a deterministic result even for overlapping windows. Window arithmetic is the one of
-pyops/_pool.py and csrc/pooling.cpp.
+CHANNELS_LAST) so stores are coalesced. Backward gathers: each input element walks
+only the output windows that can contain it (at most ceil(span / stride) per axis,
+one for non-overlapping windows) and sums their gradients (max: those whose argmax it
+is), so no atomics and a deterministic result even for overlapping windows. Index math
+is int32 unless the launcher sets IDX64 (an offset may pass 2^31): integer division is
+several times dearer in int64 on a GPU. Window arithmetic is the one of pyops/_pool.py
+and csrc/pooling.cpp.
 """
 import triton
 import triton.language as tl
@@ -16,6 +19,14 @@ CONFIGS = [
     triton.Config({"BLOCK": 256}, num_warps=4),
     triton.Config({"BLOCK": 1024}, num_warps=4),
 ]
+
+
+@triton.jit
+def _offsets(BLOCK: tl.constexpr, IDX64: tl.constexpr):
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -46,6 +57,20 @@ def _first_valid(start, step):
 
 
 @triton.jit
+def _windows_containing(i, P, K, S, D, O):
+    """[lo, hi]: the output positions whose window (start o*S - P, span (K-1)*D) covers input i.
+
+    Only non-negative numbers are divided (Triton's // truncates on a GPU and floors in
+    the interpreter).
+    """
+    top = i + P                      # >= 0
+    num = top - (K - 1) * D
+    lo = tl.where(num > 0, (tl.maximum(num, 0) + S - 1) // S, 0)
+    hi = tl.minimum(top // S, O - 1)
+    return lo, hi
+
+
+@triton.jit
 def _avg_divisor(hs, ws, H, W, KH, KW, PH, PW, divisor_override, COUNT_INCLUDE_PAD: tl.constexpr):
     """torch's avg_pool2d divisor for windows starting at (hs, ws)."""
     he = tl.minimum(hs + KH, H + PH)
@@ -61,8 +86,8 @@ def _avg_divisor(hs, ws, H, W, KH, KW, PH, PW, divisor_override, COUNT_INCLUDE_P
 def max_pool2d_forward_kernel(x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
                               sxn, sxc, sxh, sxw, son, soc, soh, sow,
                               KH, KW, SH, SW, PH, PW, DH, DW,
-                              CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                              CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = _offsets(BLOCK, IDX64)
     mask = offs < total
     n, c, oh, ow = _decode(offs, C, OH, OW, CHANNELS_LAST)
     hs = oh * SH - PH
@@ -92,9 +117,10 @@ def max_pool2d_forward_kernel(x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW,
 @triton.jit
 def max_pool2d_backward_kernel(go_ptr, idx_ptr, gi_ptr, total, C, H, W, OH, OW,
                                sgn, sgc, sgh, sgw, sjn, sjc, sjh, sjw,
-                               KH, KW, SH, SW, PH, PW, DH, DW,
-                               CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                               KH, KW, SH, SW, PH, PW, DH, DW, NTH, NTW,
+                               CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr):
+    """NTH, NTW: the most windows one input row / column can be in (the loop trip counts)."""
+    offs = _offsets(BLOCK, IDX64)
     mask = offs < total
     n, c, ih, iw = _decode(offs, C, H, W, CHANNELS_LAST)
     me = ih * W + iw
@@ -103,16 +129,15 @@ def max_pool2d_backward_kernel(go_ptr, idx_ptr, gi_ptr, total, C, H, W, OH, OW,
         acc = acc.to(tl.float64)
     gbase = n * sgn + c * sgc
     jbase = n * sjn + c * sjc
-    for kh in range(0, KH):
-        hnum = ih + PH - kh * DH          # = oh * SH for the window whose tap kh is ih
-        hnum_c = tl.maximum(hnum, 0)
-        oh = hnum_c // SH
-        h_ok = mask & (hnum >= 0) & (hnum_c % SH == 0) & (oh < OH)
-        for kw in range(0, KW):
-            wnum = iw + PW - kw * DW
-            wnum_c = tl.maximum(wnum, 0)
-            ow = wnum_c // SW
-            ok = h_ok & (wnum >= 0) & (wnum_c % SW == 0) & (ow < OW)
+    oh_lo, oh_hi = _windows_containing(ih, PH, KH, SH, DH, OH)
+    ow_lo, ow_hi = _windows_containing(iw, PW, KW, SW, DW, OW)
+    for th in range(0, NTH):
+        oh = oh_lo + th
+        h_ok = mask & (oh <= oh_hi)
+        for tw in range(0, NTW):
+            ow = ow_lo + tw
+            ok = h_ok & (ow <= ow_hi)
+            # a window within reach but not on the dilation grid never has ``me`` as argmax
             j = tl.load(idx_ptr + jbase + oh * sjh + ow * sjw, mask=ok, other=-1)
             g = tl.load(go_ptr + gbase + oh * sgh + ow * sgw, mask=ok & (j == me), other=0.0)
             acc += to_opmath(g)
@@ -124,8 +149,9 @@ def max_pool2d_backward_kernel(go_ptr, idx_ptr, gi_ptr, total, C, H, W, OH, OW,
 def avg_pool2d_forward_kernel(x_ptr, out_ptr, total, C, H, W, OH, OW,
                               sxn, sxc, sxh, sxw, son, soc, soh, sow,
                               KH, KW, SH, SW, PH, PW, divisor_override,
-                              COUNT_INCLUDE_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                              COUNT_INCLUDE_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    offs = _offsets(BLOCK, IDX64)
     mask = offs < total
     n, c, oh, ow = _decode(offs, C, OH, OW, CHANNELS_LAST)
     hs = oh * SH - PH
@@ -151,25 +177,25 @@ def avg_pool2d_forward_kernel(x_ptr, out_ptr, total, C, H, W, OH, OW,
 @triton.jit
 def avg_pool2d_backward_kernel(go_ptr, gi_ptr, total, C, H, W, OH, OW,
                                sgn, sgc, sgh, sgw,
-                               KH, KW, SH, SW, PH, PW, divisor_override,
-                               COUNT_INCLUDE_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                               KH, KW, SH, SW, PH, PW, divisor_override, NTH, NTW,
+                               COUNT_INCLUDE_PAD: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """NTH, NTW: the most windows one input row / column can be in (the loop trip counts)."""
+    offs = _offsets(BLOCK, IDX64)
     mask = offs < total
     n, c, ih, iw = _decode(offs, C, H, W, CHANNELS_LAST)
     acc = tl.zeros((BLOCK,), tl.float32)
     if gi_ptr.dtype.element_ty == tl.float64:
         acc = acc.to(tl.float64)
     gbase = n * sgn + c * sgc
-    for kh in range(0, KH):
-        hnum = ih + PH - kh
-        hnum_c = tl.maximum(hnum, 0)
-        oh = hnum_c // SH
-        h_ok = mask & (hnum >= 0) & (hnum_c % SH == 0) & (oh < OH)
-        for kw in range(0, KW):
-            wnum = iw + PW - kw
-            wnum_c = tl.maximum(wnum, 0)
-            ow = wnum_c // SW
-            ok = h_ok & (wnum >= 0) & (wnum_c % SW == 0) & (ow < OW)
+    oh_lo, oh_hi = _windows_containing(ih, PH, KH, SH, 1, OH)
+    ow_lo, ow_hi = _windows_containing(iw, PW, KW, SW, 1, OW)
+    for th in range(0, NTH):
+        oh = oh_lo + th
+        h_ok = mask & (oh <= oh_hi)
+        for tw in range(0, NTW):
+            ow = ow_lo + tw
+            ok = h_ok & (ow <= ow_hi)
             g = to_opmath(tl.load(go_ptr + gbase + oh * sgh + ow * sgw, mask=ok, other=0.0))
             div = _avg_divisor(oh * SH - PH, ow * SW - PW, H, W, KH, KW, PH, PW, divisor_override,
                                COUNT_INCLUDE_PAD)

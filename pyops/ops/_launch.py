@@ -29,3 +29,15 @@ def launch_elementwise(kernel, configs, n: int, device: torch.device, *args, **c
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         kernel[grid](*args, **constexprs, BLOCK=block, num_warps=cfg.num_warps)
+
+
+INT32_LIMIT = 2**31 - 1
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether a kernel indexing these tensors through their strides may pass int32 offsets."""
+    for t in tensors:
+        reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+        if t.numel() > INT32_LIMIT or reach >= INT32_LIMIT:
+            return True
+    return False

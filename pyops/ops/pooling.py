@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import op
 from .._pool import is_channels_last, output_size
-from ._launch import launch_elementwise
+from ._launch import launch_elementwise, needs_int64
 
 
 def _empty(shape, like: Tensor, channels_last: bool, dtype=None) -> Tensor:
@@ -30,6 +30,11 @@ def _out_shape(x: Tensor, kernel, stride, padding, dilation, ceil_mode) -> list[
     return [x.shape[0], x.shape[1],
             output_size(x.shape[2], kernel[0], padding[0], stride[0], dilation[0], ceil_mode),
             output_size(x.shape[3], kernel[1], padding[1], stride[1], dilation[1], ceil_mode)]
+
+
+def _trip_counts(kernel, stride, dilation) -> tuple[int, int]:
+    """The most windows one input row (column) lies in: the gather backward's loop lengths."""
+    return tuple(-(-((k - 1) * d + 1) // s) for k, s, d in zip(kernel, stride, dilation))
 
 
 # ---------------------------------------------------------------- max pooling
@@ -52,7 +57,8 @@ def max_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding:
         k = triton_kernels().pooling
         launch_elementwise(k.max_pool2d_forward_kernel, k.CONFIGS, out.numel(), x.device,
                            x, out, idx, out.numel(), x.shape[1], x.shape[2], x.shape[3], shape[2], shape[3],
-                           *x.stride(), *out.stride(), *kernel, *stride, *padding, *dilation, CHANNELS_LAST=cl)
+                           *x.stride(), *out.stride(), *kernel, *stride, *padding, *dilation, CHANNELS_LAST=cl,
+                           IDX64=needs_int64(x, out))
     return out, idx
 
 
@@ -80,7 +86,8 @@ def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[i
         launch_elementwise(k.max_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
                            grad_output, indices, grad_input, grad_input.numel(), C, H, W,
                            grad_output.shape[2], grad_output.shape[3], *grad_output.stride(), *indices.stride(),
-                           *kernel, *stride, *padding, *dilation, CHANNELS_LAST=channels_last)
+                           *kernel, *stride, *padding, *dilation, *_trip_counts(kernel, stride, dilation),
+                           CHANNELS_LAST=channels_last, IDX64=needs_int64(grad_output, indices, grad_input))
     return grad_input
 
 
@@ -127,7 +134,7 @@ def avg_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding:
         launch_elementwise(k.avg_pool2d_forward_kernel, k.CONFIGS, out.numel(), x.device,
                            x, out, out.numel(), x.shape[1], x.shape[2], x.shape[3], out.shape[2], out.shape[3],
                            *x.stride(), *out.stride(), *kernel, *stride, *padding, divisor_override,
-                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=cl)
+                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=cl, IDX64=needs_int64(x, out))
     return out
 
 
@@ -155,8 +162,9 @@ def avg_pool2d_backward(grad_output: Tensor, input_size: list[int], channels_las
         launch_elementwise(k.avg_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
                            grad_output, grad_input, grad_input.numel(), C, H, W,
                            grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
-                           *kernel, *stride, *padding, divisor_override,
-                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=channels_last)
+                           *kernel, *stride, *padding, divisor_override, *_trip_counts(kernel, stride, (1, 1)),
+                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=channels_last,
+                           IDX64=needs_int64(grad_output, grad_input))
     return grad_input
 
 
