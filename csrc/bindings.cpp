@@ -19,6 +19,15 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
 void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_input, at::IntArrayRef kernel,
                          at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
                          int64_t divisor_override);
+void conv2d_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    int64_t groups, bool channels_last);
+void conv2d_input_grad(const at::Tensor& dy, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor& dx, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, bool channels_last);
+void conv2d_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool channels_last);
+void channel_sum(const at::Tensor& grad, const at::Tensor& out, bool channels_last);
 }  // namespace pyops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -31,6 +40,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_backward", &pyops::max_pool2d_backward, "max_pool2d backward (CPU)");
   m.def("avg_pool2d_forward", &pyops::avg_pool2d_forward, "avg_pool2d forward (CPU)");
   m.def("avg_pool2d_backward", &pyops::avg_pool2d_backward, "avg_pool2d backward (CPU)");
+  m.def("conv2d_forward", &pyops::conv2d_forward, "conv2d forward (CPU)");
+  m.def("conv2d_input_grad", &pyops::conv2d_input_grad, "conv2d input gradient / conv_transpose2d (CPU)");
+  m.def("conv2d_weight_grad", &pyops::conv2d_weight_grad, "conv2d weight gradient (CPU)");
+  m.def("channel_sum", &pyops::channel_sum, "per-channel sum, the bias gradient (CPU)");
   m.def("simd_level", []() {
 #if defined(CPU_CAPABILITY_AVX512)
     return "AVX512";

@@ -4,12 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _pool
+from . import _conv, _pool
+from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
 from .ops.dropout import DropoutFunction, draw_seed_offset
 from .ops.pooling import AvgPool2dFunction, MaxPool2dFunction
 from .ops.sigmoid import SigmoidFunction
 
-__all__ = ["avg_pool2d", "dropout", "max_pool2d", "sigmoid"]
+__all__ = ["avg_pool2d", "conv2d", "conv_transpose2d", "dropout", "max_pool2d", "sigmoid"]
 
 
 def _check_tensor(input, fn: str) -> None:
@@ -96,3 +97,57 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     out = AvgPool2dFunction.apply(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
                                   int(divisor_override or 0))
     return out.squeeze(0) if input.dim() == 3 else out
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> Tensor:
+    """2-D convolution of an (N, C, H, W) or (C, H, W) input, as torch.nn.functional.conv2d.
+
+    ``padding`` is an int, a pair, ``'valid'`` or ``'same'`` (stride 1; an odd total
+    padding puts the extra row/column at the bottom/right, as torch does). ``weight`` is
+    (out_channels, in_channels / groups, kH, kW). The output is channels_last when the
+    input or the weight is.
+    """
+    _conv.check_tensors("conv2d", input, weight, bias)
+    unbatched = _conv.check_dims("conv2d", input, weight)
+    stride, dilation = _conv.pairs(stride, dilation, "conv2d")
+    pad, pad_total = _conv.conv_padding(padding, weight, stride, dilation)
+    _conv.check_params(stride, pad, dilation, groups)
+    x = input.unsqueeze(0) if unbatched else input
+    _conv.check_groups(weight, groups)
+    if x.shape[1] != weight.shape[1] * groups:
+        raise RuntimeError(f"Given groups={groups}, weight of size {list(weight.shape)}, expected input"
+                           f"{list(x.shape)} to have {weight.shape[1] * groups} channels, but got {x.shape[1]} "
+                           f"channels instead")
+    _conv.check_bias(weight, bias, weight.shape[0])
+    out_hw = _conv.conv_output_size(x, weight, stride, pad_total, dilation)
+    out = Conv2dFunction.apply(x, weight, bias, list(stride), list(pad), list(dilation), groups, list(out_hw),
+                               _conv.conv_channels_last(x, weight))
+    return out.squeeze(0) if unbatched else out
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
+                     output_padding=0, groups: int = 1, dilation=1) -> Tensor:
+    """2-D transposed convolution, as torch.nn.functional.conv_transpose2d.
+
+    ``weight`` is (in_channels, out_channels / groups, kH, kW); the output's size is
+    (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1.
+    """
+    _conv.check_tensors("conv_transpose2d", input, weight, bias)
+    unbatched = _conv.check_dims("conv_transpose2d", input, weight)
+    stride, dilation = _conv.pairs(stride, dilation, "conv_transpose2d")
+    if isinstance(padding, str):
+        raise TypeError("conv_transpose2d(): argument 'padding' must be tuple of ints, not str")
+    pad = _pool.pair(padding, "padding", "conv_transpose2d")
+    output_padding = _pool.pair(output_padding, "output_padding", "conv_transpose2d")
+    _conv.check_params(stride, pad, dilation, groups, output_padding)
+    x = input.unsqueeze(0) if unbatched else input
+    _conv.check_groups(weight, groups)
+    if x.shape[1] != weight.shape[0]:
+        raise RuntimeError(f"Given transposed=1, weight of size {list(weight.shape)}, expected input{list(x.shape)} "
+                           f"to have {weight.shape[0]} channels, but got {x.shape[1]} channels instead")
+    _conv.check_bias(weight, bias, weight.shape[1] * groups)
+    out_hw = _conv.transpose_output_size(x, weight, stride, pad, output_padding, dilation)
+    out = ConvTranspose2dFunction.apply(x, weight, bias, list(stride), list(pad), list(dilation), groups,
+                                        list(out_hw), _conv.conv_channels_last(x, weight))
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,507 @@
+// 2-D convolution on the CPU: forward, input gradient and weight gradient.
+//
+// Each is a GEMM over a patch matrix (im2col) that is built per image, so it stays
+// small, with ATen's at::mm/addmm doing the GEMM; a 1x1, stride-1, unpadded convolution
+// is a plain GEMM on the input itself, with no patch matrix at all. The input
+// gradient's GEMM yields patch gradients that col2im adds back into the image.
+//
+// Two layouts, each feeding the GEMM without transposes:
+//  - NCHW: per image and group, y (Kg, OH*OW) = w (Kg, Cg*R*S) @ col (Cg*R*S, OH*OW).
+//  - NHWC (channels_last): y (OH*OW, Kg) = col (OH*OW, R*S*Cg) @ w' (R*S*Cg, Kg),
+//    with w' the weight permuted to (K, R, S, Cg) once per call.
+// Images are spread over threads when there are at least as many as threads (the
+// GEMMs then run single-threaded); otherwise images go one by one and the GEMMs use
+// all threads. The weight gradient sums per-thread partials in a fixed order, so
+// results do not vary from run to run. float16/bfloat16 are computed in float32.
+//
+// Padding is the top/left padding; the output size (taken from the output tensor)
+// fixes the bottom/right one, so torch's asymmetric padding='same' needs nothing else.
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/OpMathType.h>
+
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace pyops {
+namespace {
+
+struct Geom {
+  int64_t N, C, H, W, K, R, S, OH, OW, sh, sw, ph, pw, dh, dw, G;
+  int64_t Cg() const { return C / G; }
+  int64_t Kg() const { return K / G; }
+  bool pointwise() const {  // 1x1, stride 1, no padding: the input is the patch matrix
+    return R == 1 && S == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && OH == H && OW == W;
+  }
+};
+
+Geom make_geom(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && y.dim() == 4, "conv2d: expected 4-D input, weight and output");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "conv2d: expected pairs");
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0 && w.size(0) % groups == 0 && w.size(1) * groups == x.size(1),
+              "conv2d: channels do not match groups");
+  TORCH_CHECK(w.size(0) == y.size(1) && x.size(0) == y.size(0), "conv2d: output shape does not match");
+  return Geom{x.size(0), x.size(1), x.size(2), x.size(3), w.size(0), w.size(2), w.size(3), y.size(2),
+              y.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups};
+}
+
+// [lo, hi): the output columns whose tap (offset = s*dw - pw) lands inside [0, W).
+inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t& lo, int64_t& hi) {
+  // o*stride + offset >= 0  and  o*stride + offset < size
+  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  hi = size - offset <= 0 ? 0 : (size - offset - 1) / stride + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
+
+// ------------------------------------------------------------------ NCHW patches
+
+// col (Cg*R*S, OH*OW) of one image's group: x points at its first channel plane.
+template <typename T>
+void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g) {
+  const int64_t OHW = g.OH * g.OW;
+  for (int64_t c = 0; c < g.Cg(); ++c) {
+    const T* plane = x + c * g.H * g.W;
+    for (int64_t r = 0; r < g.R; ++r) {
+      for (int64_t s = 0; s < g.S; ++s) {
+        T* row = col + ((c * g.R + r) * g.S + s) * OHW;
+        int64_t lo, hi;
+        const int64_t woff = s * g.dw - g.pw;
+        valid_range(woff, g.sw, g.W, g.OW, lo, hi);
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          T* dst = row + oh * g.OW;
+          const int64_t h = oh * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) {
+            std::fill(dst, dst + g.OW, T(0));
+            continue;
+          }
+          const T* src = plane + h * g.W + woff;
+          std::fill(dst, dst + lo, T(0));
+          if (g.sw == 1) {
+            if (hi > lo) std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(T));
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * g.sw];
+          }
+          std::fill(dst + hi, dst + g.OW, T(0));
+        }
+      }
+    }
+  }
+}
+
+// dx planes (Cg, H, W) of one image's group += the patch gradients dcol (Cg*R*S, OH*OW).
+template <typename T>
+void col2im_nchw(const T* __restrict dcol, T* __restrict dx, const Geom& g) {
+  const int64_t OHW = g.OH * g.OW;
+  for (int64_t c = 0; c < g.Cg(); ++c) {
+    T* plane = dx + c * g.H * g.W;
+    for (int64_t r = 0; r < g.R; ++r) {
+      for (int64_t s = 0; s < g.S; ++s) {
+        const T* row = dcol + ((c * g.R + r) * g.S + s) * OHW;
+        int64_t lo, hi;
+        const int64_t woff = s * g.dw - g.pw;
+        valid_range(woff, g.sw, g.W, g.OW, lo, hi);
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const int64_t h = oh * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          const T* src = row + oh * g.OW;
+          T* dst = plane + h * g.W + woff;
+          if (g.sw == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow * g.sw] += src[ow];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ NHWC patches
+
+// col (OH*OW, R*S*Cg) of one image's group; x points at the image, channel offset c0.
+template <typename T>
+void im2col_nhwc(const T* __restrict x, T* __restrict col, const Geom& g, int64_t c0) {
+  const int64_t Cg = g.Cg(), RSC = g.R * g.S * Cg;
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      T* dst = col + (oh * g.OW + ow) * RSC;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = oh * g.sh - g.ph + r * g.dh;
+        for (int64_t s = 0; s < g.S; ++s, dst += Cg) {
+          const int64_t w = ow * g.sw - g.pw + s * g.dw;
+          if (h < 0 || h >= g.H || w < 0 || w >= g.W) {
+            std::fill(dst, dst + Cg, T(0));
+          } else {
+            std::memcpy(dst, x + (h * g.W + w) * g.C + c0, Cg * sizeof(T));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void col2im_nhwc(const T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t c0) {
+  const int64_t Cg = g.Cg(), RSC = g.R * g.S * Cg;
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const T* src = dcol + (oh * g.OW + ow) * RSC;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = oh * g.sh - g.ph + r * g.dh;
+        for (int64_t s = 0; s < g.S; ++s, src += Cg) {
+          const int64_t w = ow * g.sw - g.pw + s * g.dw;
+          if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+          T* dst = dx + (h * g.W + w) * g.C + c0;
+          for (int64_t c = 0; c < Cg; ++c) dst[c] += src[c];
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ driver
+
+// Runs body(n, scratch) for every image n: over threads when there are enough images
+// (then each GEMM is single-threaded), else one by one with multi-threaded GEMMs.
+// ``slot`` is the per-thread index body may use for thread-private buffers.
+template <typename Body>
+void for_each_image(int64_t N, Body body) {
+  const int64_t threads = at::get_num_threads();
+  if (N >= threads && threads > 1) {
+    const at::ThreadLocalState state;  // inference mode etc. hold in the worker threads too
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard guard(state);
+      for (int64_t t = t0; t < t1; ++t) {
+        // a fixed image -> slot assignment: deterministic sums whatever the scheduling
+        for (int64_t n = t; n < N; n += threads) body(n, t);
+      }
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) body(n, 0);
+  }
+}
+
+int64_t slots_for(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  return (N >= threads && threads > 1) ? threads : 1;
+}
+
+at::Tensor dense_as(const at::Tensor& t, bool channels_last) {
+  return t.contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
+bool is_reduced(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+void add_bias(const at::Tensor& out, const at::Tensor& bias, bool channels_last) {
+  // out (N, K, H, W) dense in its layout += bias[k]
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv2d_bias", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* b = bias.data_ptr<scalar_t>();
+    const int64_t N = out.size(0), K = out.size(1), HW = out.size(2) * out.size(3);
+    if (channels_last) {
+      at::parallel_for(0, N * HW, 256, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          scalar_t* row = o + p * K;
+          for (int64_t k = 0; k < K; ++k) row[k] += b[k];
+        }
+      });
+    } else {
+      at::parallel_for(0, N * K, 16, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q) {
+          scalar_t* plane = o + q * HW;
+          const scalar_t v = b[q % K];
+          for (int64_t p = 0; p < HW; ++p) plane[p] += v;
+        }
+      });
+    }
+  });
+}
+
+// y = conv(x, w): x (N, C, H, W), w (K, Cg, R, S), y (N, K, OH, OW), all dense in the layout.
+void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const Geom& g, bool cl) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), OHW = g.OH * g.OW, RS = g.R * g.S;
+  const bool pointwise = g.pointwise();
+  const int64_t slots = slots_for(g.N);
+  if (!cl) {
+    const at::Tensor wm = w.reshape({g.K, Cg * RS});
+    std::vector<at::Tensor> cols(slots);
+    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS, OHW}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward", [&] {
+      for_each_image(g.N, [&](int64_t n, int64_t slot) {
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const at::Tensor xg = x[n].narrow(0, grp * Cg, Cg);
+          at::Tensor col;
+          if (pointwise) {
+            col = xg.reshape({Cg, OHW});
+          } else {
+            col = cols[slot];
+            im2col_nchw<scalar_t>(xg.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), g);
+          }
+          at::Tensor out = y[n].narrow(0, grp * Kg, Kg).view({Kg, OHW});
+          at::mm_out(out, wm.narrow(0, grp * Kg, Kg), col);
+        }
+      });
+    });
+  } else {
+    const at::Tensor wt = w.permute({0, 2, 3, 1}).contiguous().view({g.K, RS * Cg});  // (K, R*S*Cg)
+    std::vector<at::Tensor> cols(slots), outs(slots);
+    for (int64_t i = 0; i < slots; ++i) {
+      if (!(pointwise && g.G == 1)) cols[i] = at::empty({OHW, RS * Cg}, x.options());
+      if (g.G > 1) outs[i] = at::empty({OHW, Kg}, x.options());
+    }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_nhwc", [&] {
+      for_each_image(g.N, [&](int64_t n, int64_t slot) {
+        const scalar_t* xn = x.data_ptr<scalar_t>() + n * g.H * g.W * g.C;
+        at::Tensor yn = y[n].permute({1, 2, 0}).reshape({OHW, g.K});  // a view: y is NHWC-dense
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          at::Tensor col;
+          if (pointwise && g.G == 1) {
+            col = x[n].permute({1, 2, 0}).reshape({OHW, g.C});
+          } else {
+            col = cols[slot];
+            im2col_nhwc<scalar_t>(xn, col.data_ptr<scalar_t>(), g, grp * Cg);
+          }
+          const at::Tensor wg = wt.narrow(0, grp * Kg, Kg).t();
+          if (g.G == 1) {
+            at::mm_out(yn, col, wg);
+          } else {
+            at::mm_out(outs[slot], col, wg);
+            yn.narrow(1, grp * Kg, Kg).copy_(outs[slot]);
+          }
+        }
+      });
+    });
+  }
+}
+
+// dx = conv's input gradient of dy: dy (N, K, OH, OW), w (K, Cg, R, S), dx (N, C, H, W).
+void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& dx, const Geom& g, bool cl) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), OHW = g.OH * g.OW, RS = g.R * g.S;
+  const bool pointwise = g.pointwise();
+  const int64_t slots = slots_for(g.N);
+  dx.zero_();  // col2im adds into it
+  if (!cl) {
+    const at::Tensor wm = w.reshape({g.K, Cg * RS});
+    std::vector<at::Tensor> cols(slots);
+    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS, OHW}, dy.options());
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad", [&] {
+      for_each_image(g.N, [&](int64_t n, int64_t slot) {
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const at::Tensor dyg = dy[n].narrow(0, grp * Kg, Kg).reshape({Kg, OHW});
+          const at::Tensor wg = wm.narrow(0, grp * Kg, Kg).t();  // (Cg*RS, Kg)
+          at::Tensor dxg = dx[n].narrow(0, grp * Cg, Cg);
+          if (pointwise) {
+            at::Tensor out = dxg.view({Cg, OHW});
+            at::mm_out(out, wg, dyg);
+          } else {
+            at::mm_out(cols[slot], wg, dyg);
+            col2im_nchw<scalar_t>(cols[slot].data_ptr<scalar_t>(), dxg.data_ptr<scalar_t>(), g);
+          }
+        }
+      });
+    });
+  } else {
+    const at::Tensor wt = w.permute({0, 2, 3, 1}).contiguous().view({g.K, RS * Cg});
+    std::vector<at::Tensor> cols(slots);
+    for (auto& col : cols) col = at::empty({OHW, RS * Cg}, dy.options());
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_nhwc", [&] {
+      for_each_image(g.N, [&](int64_t n, int64_t slot) {
+        const at::Tensor dyn = dy[n].permute({1, 2, 0}).reshape({OHW, g.K});
+        scalar_t* dxn = dx.data_ptr<scalar_t>() + n * g.H * g.W * g.C;
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const at::Tensor dyg = dyn.narrow(1, grp * Kg, Kg);
+          const at::Tensor wg = wt.narrow(0, grp * Kg, Kg);  // (Kg, RS*Cg)
+          if (pointwise && g.G == 1) {
+            at::Tensor out = dx[n].permute({1, 2, 0}).reshape({OHW, g.C});
+            at::mm_out(out, dyg, wg);
+          } else {
+            at::mm_out(cols[slot], dyg, wg);
+            col2im_nhwc<scalar_t>(cols[slot].data_ptr<scalar_t>(), dxn, g, grp * Cg);
+          }
+        }
+      });
+    });
+  }
+}
+
+// dw = conv's weight gradient: dy (N, K, OH, OW), x (N, C, H, W), dw (K, Cg, R, S) contiguous.
+void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw, const Geom& g, bool cl) {
+  const int64_t Cg = g.Cg(), Kg = g.Kg(), OHW = g.OH * g.OW, RS = g.R * g.S;
+  const bool pointwise = g.pointwise();
+  const int64_t slots = slots_for(g.N);
+  // per-slot partial sums, (K, Cg*RS) in NCHW order or (K, RS*Cg) in NHWC order
+  const at::Tensor partial = at::zeros({slots, g.K, Cg * RS}, dy.options());
+  std::vector<at::Tensor> cols(slots);
+  for (auto& col : cols) {
+    if (!pointwise || (cl && g.G > 1)) col = cl ? at::empty({OHW, RS * Cg}, x.options()) : at::empty({Cg * RS, OHW}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_weight_grad", [&] {
+    for_each_image(g.N, [&](int64_t n, int64_t slot) {
+      at::Tensor acc = partial[slot];
+      if (!cl) {
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          const at::Tensor xg = x[n].narrow(0, grp * Cg, Cg);
+          at::Tensor col;
+          if (pointwise) {
+            col = xg.reshape({Cg, OHW});
+          } else {
+            col = cols[slot];
+            im2col_nchw<scalar_t>(xg.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), g);
+          }
+          const at::Tensor dyg = dy[n].narrow(0, grp * Kg, Kg).reshape({Kg, OHW});
+          at::Tensor out = acc.narrow(0, grp * Kg, Kg);
+          out.addmm_(dyg, col.t());
+        }
+      } else {
+        const at::Tensor dyn = dy[n].permute({1, 2, 0}).reshape({OHW, g.K});
+        const scalar_t* xn = x.data_ptr<scalar_t>() + n * g.H * g.W * g.C;
+        for (int64_t grp = 0; grp < g.G; ++grp) {
+          at::Tensor col;
+          if (pointwise && g.G == 1) {
+            col = x[n].permute({1, 2, 0}).reshape({OHW, g.C});
+          } else {
+            col = cols[slot];
+            im2col_nhwc<scalar_t>(xn, col.data_ptr<scalar_t>(), g, grp * Cg);
+          }
+          at::Tensor out = acc.narrow(0, grp * Kg, Kg);
+          out.addmm_(dyn.narrow(1, grp * Kg, Kg).t(), col);
+        }
+      }
+    });
+  });
+  at::Tensor total = partial[0];
+  for (int64_t i = 1; i < slots; ++i) total.add_(partial[i]);  // fixed order
+  if (!cl) {
+    dw.view({g.K, Cg * RS}).copy_(total);
+  } else {
+    dw.copy_(total.view({g.K, g.R, g.S, Cg}).permute({0, 3, 1, 2}));
+  }
+}
+
+template <typename Fn>
+void in_float32(const std::vector<at::Tensor>& inputs, const at::Tensor& out, Fn fn) {
+  // float16/bfloat16: compute in float32 (exact products, float32 sums), round once.
+  std::vector<at::Tensor> up;
+  for (const auto& t : inputs) up.push_back(t.defined() ? t.to(at::kFloat) : t);
+  at::Tensor out32 = at::empty_like(out, out.options().dtype(at::kFloat));
+  fn(up, out32);
+  out.copy_(out32);
+}
+
+void check_inputs(std::initializer_list<std::pair<const at::Tensor*, const char*>> ts) {
+  const at::Tensor* first = ts.begin()->first;
+  for (const auto& [t, name] : ts) {
+    TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, " must be floating-point, got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == first->scalar_type(), "conv2d: expected ", name, " to have dtype ",
+                first->scalar_type(), ", got ", t->scalar_type());
+  }
+}
+
+}  // namespace
+
+void conv2d_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                    const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    int64_t groups, bool channels_last) {
+  check_inputs({{&x, "input"}, {&w, "weight"}, {&y, "output"}});
+  const Geom g = make_geom(x, w, y, stride, padding, dilation, groups);
+  TORCH_CHECK(y.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+              "conv2d_forward: output must be dense in the requested layout");
+  if (y.numel() == 0) return;
+  const at::Tensor xd = dense_as(x, channels_last), wd = w.contiguous();
+  if (is_reduced(y)) {
+    in_float32({xd, wd}, y, [&](const std::vector<at::Tensor>& t, const at::Tensor& out) {
+      forward_impl(t[0], t[1], out, g, channels_last);
+      if (bias.has_value()) add_bias(out, bias->to(at::kFloat).contiguous(), channels_last);
+    });
+  } else {
+    forward_impl(xd, wd, y, g, channels_last);
+    if (bias.has_value()) add_bias(y, bias->contiguous(), channels_last);
+  }
+}
+
+void conv2d_input_grad(const at::Tensor& dy, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       const at::Tensor& dx, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, bool channels_last) {
+  check_inputs({{&dy, "grad_output"}, {&w, "weight"}, {&dx, "grad_input"}});
+  const Geom g = make_geom(dx, w, dy, stride, padding, dilation, groups);
+  TORCH_CHECK(dx.is_contiguous(channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+              "conv2d_input_grad: grad_input must be dense in the requested layout");
+  if (dx.numel() == 0) return;
+  if (dy.numel() == 0) {
+    dx.zero_();
+  } else {
+    const at::Tensor dyd = dense_as(dy, channels_last), wd = w.contiguous();
+    if (is_reduced(dx)) {
+      in_float32({dyd, wd}, dx, [&](const std::vector<at::Tensor>& t, const at::Tensor& out) {
+        input_grad_impl(t[0], t[1], out, g, channels_last);
+        if (bias.has_value()) add_bias(out, bias->to(at::kFloat).contiguous(), channels_last);
+      });
+      return;
+    }
+    input_grad_impl(dyd, wd, dx, g, channels_last);
+  }
+  if (bias.has_value()) add_bias(dx, bias->contiguous(), channels_last);
+}
+
+void conv2d_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool channels_last) {
+  check_inputs({{&dy, "grad_output"}, {&x, "input"}, {&dw, "grad_weight"}});
+  const Geom g = make_geom(x, dw, dy, stride, padding, dilation, groups);
+  TORCH_CHECK(dw.is_contiguous(), "conv2d_weight_grad: grad_weight must be contiguous");
+  if (dw.numel() == 0) return;
+  if (dy.numel() == 0 || x.numel() == 0) {
+    dw.zero_();
+    return;
+  }
+  const at::Tensor dyd = dense_as(dy, channels_last), xd = dense_as(x, channels_last);
+  if (is_reduced(dw)) {
+    in_float32({dyd, xd}, dw, [&](const std::vector<at::Tensor>& t, const at::Tensor& out) {
+      weight_grad_impl(t[0], t[1], out, g, channels_last);
+    });
+  } else {
+    weight_grad_impl(dyd, xd, dw, g, channels_last);
+  }
+}
+
+// out[k] = sum over n, h, w of g[n, k, h, w] (the bias gradient); g dense NCHW or NHWC.
+void channel_sum(const at::Tensor& grad, const at::Tensor& out, bool channels_last) {
+  check_inputs({{&grad, "grad_output"}, {&out, "grad_bias"}});
+  const at::Tensor gd = dense_as(grad, channels_last);
+  const int64_t N = gd.size(0), K = gd.size(1), HW = gd.size(2) * gd.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "channel_sum", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* p = gd.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    if (!channels_last) {
+      at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          acc_t total = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            const scalar_t* plane = p + (n * K + k) * HW;
+            acc_t s = 0;
+            for (int64_t i = 0; i < HW; ++i) s += static_cast<acc_t>(plane[i]);
+            total += s;
+          }
+          o[k] = static_cast<scalar_t>(total);
+        }
+      });
+    } else {
+      std::vector<acc_t> total(K, acc_t(0));
+      const int64_t rows = N * HW;
+      for (int64_t i = 0; i < rows; ++i) {
+        const scalar_t* row = p + i * K;
+        for (int64_t k = 0; k < K; ++k) total[k] += static_cast<acc_t>(row[k]);
+      }
+      for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(total[k]);
+    }
+  });
+}
+
+}  // namespace pyops
