@@ -192,14 +192,18 @@ def environment(device: torch.device) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of result rows (one line per case)."""
-    header = ["op", "mode", "shape", "dtype", "format", "config", "pyops ms", "torch ms", "speedup", "pyops GB/s", "torch GB/s", "ok"]
+    rate = "TFLOP/s" if rows and "pyops_tflops" in rows[0] else "GB/s"
+    header = ["op", "mode", "shape", "dtype", "format", "config", "pyops ms", "torch ms", "speedup", f"pyops {rate}",
+              f"torch {rate}", "ok"]
     lines = [header]
     for r in rows:
         lines.append([
             r["op"], r["mode"], "x".join(map(str, r["shape"])), r["dtype"].replace("torch.", ""), r["format"],
             r.get("config", ""),
             f"{r['pyops_ms']:.4f}", f"{r['torch_ms']:.4f}", f"{r['speedup']:.2f}",
-            f"{r['pyops_gbps']:.1f}", f"{r['torch_gbps']:.1f}", "yes" if r["correct"] else "NO",
+            *((f"{r['pyops_tflops']:.2f}", f"{r['torch_tflops']:.2f}") if rate == "TFLOP/s" else
+              (f"{r['pyops_gbps']:.1f}", f"{r['torch_gbps']:.1f}")),
+            "yes" if r["correct"] else "NO",
         ])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)

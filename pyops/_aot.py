@@ -19,7 +19,7 @@ INT_TYPES = ("i32", "i64")  # Triton types a Python int by its value: both width
 
 def kernel_specs():
     """Yield (name, jit function, signature, constexprs, num_warps) for every kernel variant."""
-    from .triton_kernels import common, dropout, pooling, sigmoid
+    from .triton_kernels import common, conv, dropout, pooling, sigmoid
 
     for dt, it, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, sigmoid.CONFIGS):
         block = {"BLOCK": cfg.kwargs["BLOCK"]}
@@ -59,10 +59,46 @@ def kernel_specs():
                    {"go_ptr": f"*{dt}", "gi_ptr": f"*{dt}", **ints(geometry), **ints(["sgn", "sgc", "sgh", "sgw"]),
                     **ints(window + ["divisor_override", "NTH", "NTW"]), "COUNT_INCLUDE_PAD": "constexpr",
                     **flags}, {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
+    yield from conv_specs(conv)
     for it in INT_TYPES:
         yield ("philox_blocks", common.philox_blocks_kernel,
                {"out_ptr": "*i64", "seed": "i64", "offset": "i64", "first": it, "n": it, "BLOCK": "constexpr"},
                {"BLOCK": 128}, 4)
+
+
+def conv_specs(conv):
+    """Every conv kernel x dtype x index width x tile config (x bias)."""
+    widths = [("i32", False), ("i64", True)]
+    for dt, (it, idx64) in itertools.product(FLOAT_TYPES, widths):
+        configs = conv.FP64_CONFIGS if dt == "fp64" else conv.CONFIGS
+        ints = lambda names: {name: it for name in names.split()}  # noqa: E731
+        window = ints("R S SH SW PH PW DH DW")
+        flags = {"IDX64": "constexpr", "UPCAST": "constexpr"}
+        tile = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        for cfg in configs:
+            meta = {"IDX64": idx64, "UPCAST": False, **cfg.kwargs}
+            for bias in (False, True):
+                yield ("conv2d_forward", conv.conv2d_forward_kernel,
+                       {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+                        **ints("N H W OH OW Cg Kg sxn sxc sxh sxw swk swc swr sws syn syc syh syw"), **window,
+                        "HAS_BIAS": "constexpr", **flags, **tile}, {"HAS_BIAS": bias, **meta}, (cfg.num_warps, cfg.num_stages))
+                yield ("conv2d_dgrad", conv.conv2d_dgrad_kernel,
+                       {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                        **ints("N H W OH OW Cg Kg HQ WQ sdn sdk sdh sdw swk swc swr sws sxn sxc sxh sxw"), **window,
+                        **ints("STEP_H STEP_W"), "HAS_BIAS": "constexpr", **flags, **tile},
+                       {"HAS_BIAS": bias, **meta}, (cfg.num_warps, cfg.num_stages))
+            acc = "fp64" if dt == "fp64" else "fp32"
+            yield ("conv2d_wgrad", conv.conv2d_wgrad_kernel,
+                   {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": f"*{acc}",
+                    **ints("N H W OH OW Cg Kg K SPLIT P_SPLIT sdn sdk sdh sdw sxn sxc sxh sxw"), **window,
+                    **flags, **tile}, meta, (cfg.num_warps, cfg.num_stages))
+        acc = "fp64" if dt == "fp64" else "fp32"
+        yield ("sum_splits", conv.sum_splits_kernel,
+               {"ws_ptr": f"*{acc}", "out_ptr": f"*{dt}", "numel": it, "SPLIT": it, "BLOCK": "constexpr"},
+               {"BLOCK": 1024}, 4)
+        yield ("channel_sum", conv.channel_sum_kernel,
+               {"g_ptr": f"*{dt}", "out_ptr": f"*{acc}", **ints("N K HW N_PER sgn sgk sgp"),
+                "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"}, {"BLOCK_C": 32, "BLOCK_P": 64}, 4)
 
 
 def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False) -> list[tuple[str, str]]:
@@ -79,7 +115,9 @@ def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False) -> l
         t0 = time.perf_counter()
         try:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+            warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, None)
+            options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+            compiled = triton.compile(src, target=target, options=options)
             if "cubin" not in compiled.asm:
                 raise RuntimeError(f"no cubin produced (stages: {sorted(compiled.asm)})")
         except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first

@@ -20,7 +20,8 @@ def check_tensors(fn: str, input, weight, bias) -> None:
         raise TypeError(f"{fn}(): argument 'bias' must be Tensor, not {type(bias).__name__}")
     for name, t in (("Input", input), ("weight", weight), ("bias", bias)):
         if t is not None and not t.is_floating_point():
-            raise RuntimeError(f"{fn}: pyops supports floating-point tensors only, got {name} of {t.dtype}")
+            # NotImplementedError (a RuntimeError) is what torch raises for dtypes it has no kernel for
+            raise NotImplementedError(f"{fn}: pyops has floating-point kernels only, got {name} of {t.dtype}")
     if input.dtype != weight.dtype:
         raise RuntimeError(f"Input type ({input.dtype}) and weight type ({weight.dtype}) should be the same")
     if bias is not None and bias.dtype != input.dtype:

@@ -51,8 +51,15 @@ def _acc_init(ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, acc):
-    """acc += a @ b with exact float32 products (no TF32) and float64 kept float64."""
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc += a @ b with exact float32 products (no TF32) and float64 kept float64.
+
+    UPCAST (set under Triton's interpreter, whose dot mishandles bfloat16) multiplies
+    half-precision tiles as float32: the same exact products a GPU's MMA makes.
+    """
+    if UPCAST and (a.dtype == tl.bfloat16 or a.dtype == tl.float16):
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     if a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -73,7 +80,7 @@ def conv2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                           N, H, W, OH, OW, Cg, Kg,
                           sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syc, syh, syw,
                           R, S, SH, SW, PH, PW, DH, DW,
-                          HAS_BIAS: tl.constexpr, IDX64: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, IDX64: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[n, g*Kg + k, oh, ow] = sum_{r, s, c} x[n, g*Cg + c, oh*SH - PH + r*DH, ow*SW - PW + s*DW] * w[g*Kg + k, c, r, s]."""
     g = _pid(2, IDX64)
@@ -105,7 +112,7 @@ def conv2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(w_cols[None, :] + (c * swc + r * swr + s * sws)[:, None],
                     mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc)
+        acc = _mma(a, b, acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * Kg + offs_k, mask=k_ok, other=0.0).to(acc.dtype)[None, :]
     y = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + ((g * Kg + offs_k) * syc)[None, :]
@@ -130,7 +137,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
                         N, H, W, OH, OW, Cg, Kg, HQ, WQ,
                         sdn, sdk, sdh, sdw, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
                         R, S, SH, SW, PH, PW, DH, DW, STEP_H, STEP_W,
-                        HAS_BIAS: tl.constexpr, IDX64: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, IDX64: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[n, g*Cg + c, h, w] = sum over taps (r, s) reaching (h, w) and k of dy[n, g*Kg + k, oh, ow] * w[g*Kg + k, c, r, s],
     where oh*SH = h + PH - r*DH (and likewise ow). Pixels of one stride phase per program."""
@@ -176,7 +183,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_cols[None, :] + (k * swk + r * swr + s * sws)[:, None],
                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc)
+        acc = _mma(a, b, acc, UPCAST)
     if HAS_BIAS:  # conv_transpose2d's bias
         acc += tl.load(b_ptr + g * Cg + offs_c, mask=c_ok, other=0.0).to(acc.dtype)[None, :]
     dx = dx_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + ((g * Cg + offs_c) * sxc)[None, :]
@@ -188,7 +195,7 @@ def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
                         N, H, W, OH, OW, Cg, Kg, K, SPLIT, P_SPLIT,
                         sdn, sdk, sdh, sdw, sxn, sxc, sxh, sxw,
                         R, S, SH, SW, PH, PW, DH, DW,
-                        IDX64: tl.constexpr,
+                        IDX64: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """ws[split, g*Kg + k, c, r, s] = sum over pixels p of chunk ``split`` of dy[n, g*Kg + k, oh, ow] * x[n, g*Cg + c, h, w].
 
@@ -227,7 +234,7 @@ def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
         x_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         b = tl.load(x_cols[None, :] + (n * sxn + h * sxh + w * sxw)[:, None],
                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc)
+        acc = _mma(a, b, acc, UPCAST)
     # ws is dense (SPLIT, K, Cg, R, S): the offset of (split, g*Kg + k, c, r, s)
     RS = R * S
     row = (split * K + g * Kg + offs_k) * (Cg * RS)

@@ -93,7 +93,7 @@ def _choose(kind: str, key: tuple, dtype: torch.dtype, device: torch.device, m: 
 
 
 def _launch_opts(cfg) -> dict:
-    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=triton_interpreted())
 
 
 def _device_guard(device: torch.device):

@@ -1,0 +1,252 @@
+"""conv2d / conv_transpose2d against torch on every backend: forward, all gradients, gradcheck, modules, errors."""
+import pytest
+import torch
+
+import pyops
+from conftest import FLOAT_DTYPES, assert_close
+
+F = torch.nn.functional
+
+# (input shape, weight shape, kwargs): stride, padding incl. 'same'/'valid', dilation, groups incl.
+# depthwise, non-square everything, unbatched input
+CONV_CASES = [
+    ((2, 4, 7, 6), (6, 4, 3, 3), dict(padding=1)),
+    ((2, 4, 7, 6), (6, 4, 3, 3), dict()),
+    ((2, 4, 9, 8), (6, 2, 3, 2), dict(stride=2, padding=(1, 0), dilation=(1, 2), groups=2)),
+    ((1, 3, 9, 9), (5, 3, 1, 1), dict()),
+    ((2, 4, 7, 8), (4, 4, 1, 1), dict(stride=2)),
+    ((2, 4, 7, 6), (8, 1, 3, 3), dict(groups=4, padding=1)),          # depthwise, multiplier 2
+    ((1, 4, 8, 7), (4, 4, 4, 4), dict(padding="same")),                # even kernel: asymmetric
+    ((1, 4, 8, 7), (4, 4, 3, 2), dict(padding="same", dilation=(2, 3))),
+    ((2, 3, 6, 5), (4, 3, 3, 3), dict(padding="valid")),
+    ((3, 7, 6), (5, 3, 2, 3), dict(stride=(1, 3), padding=(2, 1))),   # unbatched
+    ((2, 2, 5, 5), (3, 2, 5, 5), dict()),                              # kernel = input
+    ((2, 3, 11, 10), (4, 3, 3, 3), dict(stride=3, padding=2, dilation=2)),
+]
+
+# (input shape, weight shape, kwargs) of conv_transpose2d
+TRANSPOSE_CASES = [
+    ((2, 4, 5, 6), (4, 3, 4, 4), dict(stride=2, padding=1)),
+    ((2, 4, 5, 6), (4, 3, 3, 3), dict(stride=2, padding=1, output_padding=1, dilation=2)),
+    ((2, 4, 5, 4), (4, 2, 3, 3), dict(stride=3, padding=1, groups=2)),
+    ((1, 3, 4, 5), (3, 2, 2, 3), dict(stride=(2, 1), output_padding=(1, 0))),
+    ((3, 4, 4), (3, 5, 3, 3), dict(padding=1)),                        # unbatched
+    ((2, 4, 5, 5), (4, 1, 3, 3), dict(groups=4, stride=2)),            # depthwise
+    ((1, 2, 3, 4), (2, 3, 1, 1), dict(stride=2, output_padding=1)),
+]
+
+
+def _bias_size(w, kwargs, transpose):
+    return w[1] * kwargs.get("groups", 1) if transpose else w[0]
+
+
+def _compare(backend_device, dtype, xs, ws, kwargs, transpose, bias=True, channels_last=False):
+    """pyops vs torch (in float64, then rounded) on the same values: output, layout and the three gradients."""
+    x = torch.randn(xs, dtype=torch.float64).to(dtype).to(backend_device)
+    w = (torch.randn(ws, dtype=torch.float64) / (ws[1] * ws[2] * ws[3]) ** 0.5).to(dtype).to(backend_device)
+    b = torch.randn(_bias_size(ws, kwargs, transpose), dtype=torch.float64).to(dtype).to(backend_device) \
+        if bias else None
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in (x, w, b) if t is not None]
+    if channels_last and x.dim() == 4:
+        refs[0] = refs[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours = (pyops.functional.conv_transpose2d if transpose else pyops.functional.conv2d)(
+        leaves[0], leaves[1], leaves[2] if bias else None, **kwargs)
+    theirs = (F.conv_transpose2d if transpose else F.conv2d)(refs[0], refs[1], refs[2] if bias else None, **kwargs)
+    assert ours.shape == theirs.shape and ours.dtype == dtype
+    assert_close(ours, theirs.to(dtype))
+    if x.dim() == 4:
+        cl = ours.is_contiguous(memory_format=torch.channels_last)
+        assert cl == theirs.is_contiguous(memory_format=torch.channels_last) or ours.is_contiguous()
+    g = torch.randn(ours.shape, dtype=torch.float64).to(dtype).to(ours.device)
+    ours.backward(g)
+    theirs.backward(g.double())
+    for mine, ref in zip(leaves, refs):
+        # gradients sum many products: compare at the tolerance of a sum of that length
+        scale = max(1.0, ref.grad.abs().max().item())
+        atol = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+        torch.testing.assert_close(mine.grad, ref.grad.to(dtype), atol=atol * scale, rtol=atol * 4)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_conv2d_matches_torch(backend_device, dtype, case):
+    xs, ws, kwargs = case
+    _compare(backend_device, dtype, xs, ws, kwargs, transpose=False)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TRANSPOSE_CASES, ids=str)
+def test_conv_transpose2d_matches_torch(backend_device, dtype, case):
+    xs, ws, kwargs = case
+    _compare(backend_device, dtype, xs, ws, kwargs, transpose=True)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("case", [0, 2, 5], ids=str)
+def test_channels_last_and_no_bias(backend_device, transpose, case):
+    xs, ws, kwargs = (TRANSPOSE_CASES if transpose else CONV_CASES)[case]
+    _compare(backend_device, torch.float32, xs, ws, kwargs, transpose, bias=False, channels_last=True)
+
+
+def test_channels_last_weight_gives_channels_last_output(backend_device):
+    x = torch.randn(2, 3, 6, 6, device=backend_device)
+    w = torch.randn(4, 3, 3, 3, device=backend_device).contiguous(memory_format=torch.channels_last)
+    out = pyops.functional.conv2d(x, w, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, F.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gradcheck(backend_device, transpose):
+    torch.manual_seed(0)
+    if transpose:
+        x = torch.randn(1, 4, 3, 3, dtype=torch.float64, device=backend_device, requires_grad=True)
+        w = torch.randn(4, 1, 3, 2, dtype=torch.float64, device=backend_device, requires_grad=True)
+        b = torch.randn(2, dtype=torch.float64, device=backend_device, requires_grad=True)
+        fn = lambda x, w, b: pyops.functional.conv_transpose2d(x, w, b, stride=2, padding=1,  # noqa: E731
+                                                               output_padding=1, groups=2)
+    else:
+        x = torch.randn(2, 4, 5, 4, dtype=torch.float64, device=backend_device, requires_grad=True)
+        w = torch.randn(6, 2, 3, 2, dtype=torch.float64, device=backend_device, requires_grad=True)
+        b = torch.randn(6, dtype=torch.float64, device=backend_device, requires_grad=True)
+        fn = lambda x, w, b: pyops.functional.conv2d(x, w, b, stride=(2, 1), padding=1,  # noqa: E731
+                                                     dilation=(1, 2), groups=2)
+    # Triton's interpreter is slow: it checks random directions (fast_mode), the others the full Jacobian
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=x.device.type == "cpu" and pyops.requested_backend() == "triton")
+
+
+def test_wgrad_split_counts_agree(monkeypatch):
+    """The Triton weight gradient gives the same sums whatever the split-K count."""
+    import pyops.ops.conv as conv_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64, device=device)
+    g = torch.randn(3, 6, 9, 7, dtype=torch.float64, device=device)
+    results = []
+    for split in (1, 2, 5):
+        monkeypatch.setattr(conv_ops, "wgrad_splits", lambda *a, split=split: split)
+        with pyops.backend("triton"):
+            results.append(torch.ops.pyops.conv2d_weight_grad(g, x, [6, 4, 3, 3], [1, 1], [1, 1], [1, 1], 1, False))
+    w = torch.zeros(6, 4, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    F.conv2d(x, w, padding=1).backward(g)
+    for r in results:
+        torch.testing.assert_close(r, w.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_empty_batch_and_zero_grad(backend_device):
+    x = torch.randn(0, 3, 5, 5, device=backend_device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=backend_device, requires_grad=True)
+    b = torch.randn(4, device=backend_device, requires_grad=True)
+    out = pyops.functional.conv2d(x, w, b)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_conv2d_module_matches_torch(backend_device, padding_mode):
+    torch.manual_seed(1)
+    ref = torch.nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
+                          padding_mode=padding_mode, dtype=torch.float64, device=backend_device)
+    torch.manual_seed(1)
+    mine = pyops.nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2,
+                           padding_mode=padding_mode, dtype=torch.float64, device=backend_device)
+    assert torch.equal(mine.weight, ref.weight) and torch.equal(mine.bias, ref.bias)  # same init
+    assert repr(mine) == repr(ref)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64, device=backend_device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = mine(xa), ref(xb)
+    assert_close(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    for a, b in [(xa.grad, xb.grad), (mine.weight.grad, ref.weight.grad), (mine.bias.grad, ref.bias.grad)]:
+        assert_close(a, b)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    assert mine(xc).is_contiguous(memory_format=torch.channels_last) or padding_mode != "zeros"
+
+
+@pytest.mark.parametrize("output_size", [None, (9, 12), [10, 11]])
+def test_conv_transpose2d_module_matches_torch(backend_device, output_size):
+    torch.manual_seed(2)
+    ref = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=torch.float64,
+                                   device=backend_device)
+    mine = pyops.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dtype=torch.float64,
+                                    device=backend_device)
+    assert repr(mine) == repr(ref)
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, device=backend_device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = mine(xa, output_size), ref(xb, output_size)
+    assert ya.shape == yb.shape
+    assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for a, b in [(xa.grad, xb.grad), (mine.weight.grad, ref.weight.grad), (mine.bias.grad, ref.bias.grad)]:
+        assert_close(a, b)
+
+
+def test_conv_transpose2d_bad_output_size_like_torch(backend_device):
+    ref = torch.nn.ConvTranspose2d(2, 2, 3, stride=2, device=backend_device)
+    mine = pyops.nn.ConvTranspose2d(2, 2, 3, stride=2, device=backend_device)
+    x = torch.randn(1, 2, 4, 4, device=backend_device)
+    with pytest.raises(ValueError):
+        ref(x, (20, 20))
+    with pytest.raises(ValueError):
+        mine(x, (20, 20))
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# (name, conv_transpose?, args, kwargs): each must raise the exception type torch raises
+BAD_CONV_ARGS = [
+    ("channels mismatch", False, (_t(1, 3, 5, 5), _t(4, 2, 3, 3)), {}),
+    ("groups do not divide out channels", False, (_t(1, 4, 5, 5), _t(3, 2, 3, 3)), dict(groups=2)),
+    ("groups do not divide in channels", False, (_t(1, 3, 5, 5), _t(4, 1, 3, 3)), dict(groups=2)),
+    ("zero groups", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3)), dict(groups=0)),
+    ("kernel larger than padded input", False, (_t(1, 3, 2, 2), _t(4, 3, 3, 3)), {}),
+    ("negative padding", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3)), dict(padding=-1)),
+    ("zero stride", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3)), dict(stride=0)),
+    ("zero dilation", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3)), dict(dilation=0)),
+    ("same with stride", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3)), dict(padding="same", stride=2)),
+    ("bad padding string", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3)), dict(padding="full")),
+    ("2-D input", False, (_t(3, 5), _t(4, 3, 3, 3)), {}),
+    ("5-D input", False, (_t(1, 1, 3, 5, 5), _t(4, 3, 3, 3)), {}),
+    ("3-D weight", False, (_t(1, 3, 5, 5), _t(4, 3, 3)), {}),
+    ("dtype mismatch", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3, dtype=torch.float64)), {}),
+    ("wrong bias length", False, (_t(1, 3, 5, 5), _t(4, 3, 3, 3), _t(3)), {}),
+    ("bool input", False, (torch.ones(1, 3, 5, 5, dtype=torch.bool), torch.ones(4, 3, 3, 3, dtype=torch.bool)), {}),
+    ("input not a tensor", False, ([[1.0]], _t(4, 3, 3, 3)), {}),
+    ("transpose channels mismatch", True, (_t(1, 3, 5, 5), _t(4, 2, 3, 3)), {}),
+    ("output_padding too large", True, (_t(1, 4, 5, 5), _t(4, 2, 3, 3)), dict(stride=2, output_padding=2)),
+    ("transpose negative padding", True, (_t(1, 4, 5, 5), _t(4, 2, 3, 3)), dict(padding=-1)),
+    ("transpose output too small", True, (_t(1, 4, 1, 1), _t(4, 2, 1, 1)), dict(padding=1)),
+    ("transpose groups", True, (_t(1, 4, 5, 5), _t(4, 2, 3, 3)), dict(groups=3)),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CONV_ARGS, ids=lambda c: c[0])
+def test_bad_arguments_raise_like_torch(backend_device, case):
+    _, transpose, args, kwargs = case
+    args = tuple(a.to(backend_device) if isinstance(a, torch.Tensor) else a for a in args)
+    theirs = F.conv_transpose2d if transpose else F.conv2d
+    ours = pyops.functional.conv_transpose2d if transpose else pyops.functional.conv2d
+    with pytest.raises(Exception) as expected:
+        theirs(*args, **kwargs)
+    with pytest.raises(Exception) as got:
+        ours(*args, **kwargs)
+    assert type(got.value) is type(expected.value), (got.value, expected.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_non_float_dtypes_raise_clearly(backend_device, dtype):
+    """torch computes integer and complex convolutions on the CPU; pyops has no such kernels and says so."""
+    x = torch.ones(1, 3, 5, 5, dtype=dtype, device=backend_device)
+    w = torch.ones(4, 3, 3, 3, dtype=dtype, device=backend_device)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        pyops.functional.conv2d(x, w)
