@@ -40,6 +40,12 @@ FP64_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
 ]
 
+# Geometry arguments are not specialised (divisibility by 16, == 1): one compile serves every
+# layer shape. Strides still are, so a unit channel stride gives vectorised loads.
+_CONV2D_FORWARD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "Cg", "Kg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
+_CONV2D_DGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "Cg", "Kg", "HQ", "WQ", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "STEP_H", "STEP_W"]
+_CONV2D_WGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "Cg", "Kg", "K", "SPLIT", "P_SPLIT", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
+
 
 @triton.jit
 def _acc_init(ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -63,7 +69,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
     if a.dtype == tl.float32:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=acc.dtype)  # float64 needs saying on Triton 3.6
     return acc
 
 
@@ -75,7 +81,7 @@ def _pid(axis, IDX64: tl.constexpr):
     return pid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_CONV2D_FORWARD_KERNEL_GEOMETRY)
 def conv2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                           N, H, W, OH, OW, Cg, Kg,
                           sxn, sxc, sxh, sxw, swk, swc, swr, sws, syn, syc, syh, syw,
@@ -132,7 +138,7 @@ def _first_tap(phase, P, D, SD, STEP, R):
     return first
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_CONV2D_DGRAD_KERNEL_GEOMETRY)
 def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
                         N, H, W, OH, OW, Cg, Kg, HQ, WQ,
                         sdn, sdk, sdh, sdw, swk, swc, swr, sws, sxn, sxc, sxh, sxw,
@@ -190,7 +196,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_CONV2D_WGRAD_KERNEL_GEOMETRY)
 def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
                         N, H, W, OH, OW, Cg, Kg, K, SPLIT, P_SPLIT,
                         sdn, sdk, sdh, sdw, sxn, sxc, sxh, sxw,
