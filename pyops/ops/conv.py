@@ -163,7 +163,6 @@ def _weight_grad_triton(dy, x, dw, stride, padding, dilation, groups):
     Kg, P = K // groups, N * OH * OW
     acc_dtype = torch.float64 if dw.dtype == torch.float64 else torch.float32
     idx64 = needs_int64(dy, x)
-    state = {}
 
     def launch(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -179,7 +178,6 @@ def _weight_grad_triton(dy, x, dw, stride, padding, dilation, groups):
                                     IDX64=idx64 or needs_int64(ws), **_launch_opts(cfg))
         if ws is not dw:
             _sum_splits(ws, dw, split)
-        state["split"] = split
 
     key = (tuple(x.shape), tuple(dw.shape), x.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
     with _device_guard(dw.device):
@@ -199,7 +197,8 @@ def _bias_grad_triton(dy: Tensor, out: Tensor) -> None:
     cl = dy.stride(1) == 1 and K > 1
     sgp = K if cl else 1
     block_c, block_p = (16, 16) if triton_interpreted() else (32, 64)
-    chunks = 1 if triton_interpreted() else min(N, max(1, _cdiv(4 * 132, _cdiv(K, block_c))))
+    # enough (channel block, image chunk) programs for every SM
+    chunks = 1 if triton_interpreted() else min(N, max(1, _cdiv(4 * _sm_count(dy.device), _cdiv(K, block_c))))
     n_per = _cdiv(N, chunks)
     chunks = _cdiv(N, n_per)
     acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
