@@ -28,6 +28,19 @@ void conv2d_input_grad(const at::Tensor& dy, const at::Tensor& w, const c10::opt
 void conv2d_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dw, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool channels_last);
 void channel_sum(const at::Tensor& grad, const at::Tensor& out, bool channels_last);
+at::Tensor batch_norm_partial_stats(const at::Tensor& x, bool channels_last);
+void batch_norm_merge_stats(const at::Tensor& partials, const at::Tensor& out,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, double momentum);
+void batch_norm_apply(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& var,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                      bool channels_last);
+at::Tensor batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& var, double eps, bool channels_last);
+void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
+                               const at::Tensor& mean, const at::Tensor& var,
+                               const c10::optional<at::Tensor>& weight, const at::Tensor& sums,
+                               const at::Tensor& count, double eps, bool training, bool channels_last);
 }  // namespace pyops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -44,6 +57,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv2d_input_grad", &pyops::conv2d_input_grad, "conv2d input gradient / conv_transpose2d (CPU)");
   m.def("conv2d_weight_grad", &pyops::conv2d_weight_grad, "conv2d weight gradient (CPU)");
   m.def("channel_sum", &pyops::channel_sum, "per-channel sum, the bias gradient (CPU)");
+  m.def("batch_norm_partial_stats", &pyops::batch_norm_partial_stats, "batch norm partial moments (CPU)");
+  m.def("batch_norm_merge_stats", &pyops::batch_norm_merge_stats, "merge moments, update running stats (CPU)");
+  m.def("batch_norm_apply", &pyops::batch_norm_apply, "batch norm normalisation (CPU)");
+  m.def("batch_norm_backward_reduce", &pyops::batch_norm_backward_reduce, "batch norm gradient sums (CPU)");
+  m.def("batch_norm_backward_input", &pyops::batch_norm_backward_input, "batch norm input gradient (CPU)");
   m.def("simd_level", []() {
 #if defined(CPU_CAPABILITY_AVX512)
     return "AVX512";

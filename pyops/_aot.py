@@ -19,7 +19,7 @@ INT_TYPES = ("i32", "i64")  # Triton types a Python int by its value: both width
 
 def kernel_specs():
     """Yield (name, jit function, signature, constexprs, num_warps) for every kernel variant."""
-    from .triton_kernels import common, conv, dropout, pooling, sigmoid
+    from .triton_kernels import batchnorm, common, conv, dropout, pooling, sigmoid
 
     for dt, it, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, sigmoid.CONFIGS):
         block = {"BLOCK": cfg.kwargs["BLOCK"]}
@@ -60,6 +60,7 @@ def kernel_specs():
                     **ints(window + ["divisor_override", "NTH", "NTW"]), "COUNT_INCLUDE_PAD": "constexpr",
                     **flags}, {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
     yield from conv_specs(conv)
+    yield from batchnorm_specs(batchnorm)
     for it in INT_TYPES:
         yield ("philox_blocks", common.philox_blocks_kernel,
                {"out_ptr": "*i64", "seed": "i64", "offset": "i64", "first": it, "n": it, "BLOCK": "constexpr"},
@@ -99,6 +100,43 @@ def conv_specs(conv):
         yield ("channel_sum", conv.channel_sum_kernel,
                {"g_ptr": f"*{dt}", "out_ptr": f"*{acc}", **ints("N K HW N_PER sgn sgk sgp"),
                 "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"}, {"BLOCK_C": 32, "BLOCK_P": 64}, 4)
+
+
+def batchnorm_specs(bn):
+    """Every batch-norm kernel x dtype x index width x layout x config the launchers use on a GPU."""
+    widths = [("i32", False), ("i64", True)]
+    for dt, (it, idx64), cl in itertools.product(FLOAT_TYPES, widths, (False, True)):
+        acc = "fp64" if dt == "fp64" else "fp32"
+        ints = lambda names: {name: it for name in names.split()}  # noqa: E731
+        flags = {"CHANNELS_LAST": "constexpr", "IDX64": "constexpr"}
+        for cfg in bn.REDUCE_CONFIGS[1:]:  # [0] is the interpreter's
+            meta = {"CHANNELS_LAST": cl, "IDX64": idx64, **cfg.kwargs}
+            tile = {"BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+            yield ("bn_partial_stats", bn.partial_stats_kernel,
+                   {"x_ptr": f"*{dt}", "part_ptr": f"*{acc}", **ints("R C L R_PER"), **flags, **tile}, meta,
+                   cfg.num_warps)
+            yield ("bn_grad_sums", bn.grad_sums_kernel,
+                   {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "mean_ptr": f"*{acc}", "part_ptr": f"*{acc}",
+                    **ints("R C L R_PER"), **flags, **tile}, meta, cfg.num_warps)
+        variants = [(0, True, True), (0, False, False), (1, True, False), (1, False, False), (2, True, False)]
+        for cfg, (mode, has_w, has_b) in itertools.product(bn.ELEMENTWISE_CONFIGS, variants):
+            ptrs = {name: f"*{acc}" for name in ("mean_ptr", "var_ptr", "w_ptr", "b_ptr", "sums_ptr", "count_ptr")}
+            yield ("bn_elementwise", bn.elementwise_kernel,
+                   {"u_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ptrs, **ints("total C L"),
+                    "eps": "fp64", "MODE": "constexpr", "HAS_W": "constexpr", "HAS_B": "constexpr", **flags,
+                    "BLOCK": "constexpr"},
+                   {"MODE": mode, "HAS_W": has_w, "HAS_B": has_b, "CHANNELS_LAST": cl, "IDX64": idx64,
+                    "BLOCK": cfg.kwargs["BLOCK"]}, cfg.num_warps)
+        if cl or idx64:
+            continue
+        for stat in sorted({acc, dt}):  # running stats in the statistics' or the parameters' dtype
+            yield ("bn_merge_stats", bn.merge_stats_kernel,
+                   {"part_ptr": f"*{acc}", "out_ptr": f"*{acc}", "rm_ptr": f"*{stat}", "rv_ptr": f"*{stat}",
+                    "P": "i32", "C": "i32", "momentum": "fp64", "HAS_RUNNING": "constexpr",
+                    "BLOCK_C": "constexpr"}, {"HAS_RUNNING": True, "BLOCK_C": bn.MERGE_BLOCK_C}, 4)
+        yield ("bn_grad_finalize", bn.grad_finalize_kernel,
+               {"part_ptr": f"*{acc}", "var_ptr": f"*{acc}", "out_ptr": f"*{acc}", "P": "i32", "C": "i32",
+                "eps": "fp64", "BLOCK_C": "constexpr"}, {"BLOCK_C": bn.MERGE_BLOCK_C}, 4)
 
 
 def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False) -> list[tuple[str, str]]:

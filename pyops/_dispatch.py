@@ -53,7 +53,7 @@ def triton_kernels():
     except ImportError:
         return None
     from . import triton_kernels as tk
-    from .triton_kernels import common, conv, dropout, pooling, sigmoid  # noqa: F401
+    from .triton_kernels import batchnorm, common, conv, dropout, pooling, sigmoid  # noqa: F401
 
     return tk
 

@@ -45,3 +45,25 @@ def with_strides(t: torch.Tensor, stride) -> torch.Tensor:
     if t.stride() == tuple(stride):
         return t
     return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """torch's ``suggest_memory_format`` is channels_last (4-D) or channels_last_3d (5-D) for ``t``.
+
+    c10's stride test: walking C, then the spatial dims innermost first, then N, each
+    stride is at least the extent of the previous one; ambiguous cases (a trivial C
+    stride, contiguous tensors) are channel-major, as torch decides.
+    """
+    if t.dim() not in (4, 5) or t.is_contiguous():
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    low = 0
+    for d in (1, *range(t.dim() - 1, 1, -1), 0):
+        if sizes[d] == 0 or strides[d] < low:
+            return False
+        if d == 0 and low == strides[1]:
+            return False
+        low = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True

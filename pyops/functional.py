@@ -1,16 +1,19 @@
 """Functions with the names, signatures, defaults and semantics of ``torch.nn.functional``."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import _conv, _pool
+from .ops.batch_norm import BatchNormFunction
 from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
 from .ops.dropout import DropoutFunction, draw_seed_offset
 from .ops.pooling import AvgPool2dFunction, MaxPool2dFunction
 from .ops.sigmoid import SigmoidFunction
 
-__all__ = ["avg_pool2d", "conv2d", "conv_transpose2d", "dropout", "max_pool2d", "sigmoid"]
+__all__ = ["avg_pool2d", "batch_norm", "conv2d", "conv_transpose2d", "dropout", "max_pool2d", "sigmoid"]
 
 
 def _check_tensor(input, fn: str) -> None:
@@ -151,3 +154,61 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     out = ConvTranspose2dFunction.apply(x, weight, bias, list(stride), list(pad), list(dilation), groups,
                                         list(out_hw), _conv.conv_channels_last(x, weight))
     return out.squeeze(0) if unbatched else out
+
+
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, training: bool, eps: float,
+                          fn: str = "batch_norm", per_process: bool = False) -> None:
+    """torch's checks of batch_norm's arguments, with its error types and messages.
+
+    ``per_process``: this process holds only part of the batch (SyncBatchNorm), so one
+    value per channel here is no error.
+    """
+    _check_tensor(input, fn)
+    if input.dim() < 2:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-max(input.dim(), 1)}, "
+                         f"{max(input.dim(), 1) - 1}], but got 1)")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"{fn}" not implemented for \'{str(input.dtype).replace("torch.", "")}\'')
+    if training:
+        size = input.shape
+        if size[0] * math.prod(size[2:]) == 1 and not per_process:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        if eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    elif running_var is None:
+        raise RuntimeError("running_var must be defined in evaluation mode")
+    C = input.shape[1]
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        _check_tensor_arg(t, name, fn)
+        if t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+        if t.dtype != input.dtype and not (low and t.dtype == torch.float32):
+            raise RuntimeError(f"{fn}: mixed dtype: {name} is {t.dtype} but input is {input.dtype}; parameters "
+                               "must have the input's dtype (or float32 for a float16/bfloat16 input)")
+
+
+def _check_tensor_arg(t, name: str, fn: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Batch normalisation of an (N, C, *) input over N and the spatial dims, as torch.nn.functional.batch_norm.
+
+    Training uses the batch's statistics (biased variance) and, when given, moves
+    ``running_mean``/``running_var`` in place toward the batch mean and unbiased
+    variance by ``momentum``; eval uses the running statistics. Statistics are float32
+    for float16/bfloat16/float32 inputs (float64 for float64) and the output keeps the
+    input's dtype and memory format.
+    """
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    return BatchNormFunction.apply(input, running_mean, running_var, weight, bias, bool(training),
+                                   float(momentum if momentum is not None else 0.0), float(eps))

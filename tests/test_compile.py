@@ -42,3 +42,23 @@ def test_compiled_module_matches_eager(backend_device):
     gc, = torch.autograd.grad(compiled.sum(), x)
     ge, = torch.autograd.grad(eager.sum(), x)
     assert_close(gc, ge)
+
+
+def test_compiled_batchnorm_training_matches_eager(backend_device):
+    """Running statistics are updated in place by a custom operator: compiled training must do it too."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = pyops.nn.BatchNorm2d(3).to(backend_device)
+    compiled_bn = pyops.nn.BatchNorm2d(3).to(backend_device)
+    compiled = torch.compile(compiled_bn, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5, device=backend_device)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        assert_close(yb, ya)
+        ya.pow(2).sum().backward()
+        yb.pow(2).sum().backward()
+        assert_close(xb.grad, xa.grad)
+    assert_close(compiled_bn.running_mean, eager.running_mean)
+    assert_close(compiled_bn.running_var, eager.running_var)
+    assert compiled_bn.num_batches_tracked.item() == 2

@@ -41,3 +41,18 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
         if t.numel() > INT32_LIMIT or reach >= INT32_LIMIT:
             return True
     return False
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached): how many programs fill it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]

@@ -24,29 +24,19 @@ from torch.autograd.function import once_differentiable
 from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
 from .._library import op
+from ._launch import cdiv as _cdiv
 from ._launch import needs_int64
+from ._launch import sm_count as _sm_count
 
 
 def _dense(t: Tensor, channels_last: bool) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ---------------------------------------------------------------- Triton tile choice
 
-_SM_COUNT: dict[int, int] = {}
 _TUNED: dict[tuple, object] = {}
 AUTOTUNE_MIN_FLOPS = 1 << 28   # smaller problems take the heuristic tile (tuning would cost more)
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def _configs(dtype: torch.dtype):

@@ -1,0 +1,507 @@
+// Batch normalisation on CPU: per-channel statistics, normalisation and both gradients.
+//
+// Every entry takes 3-D views (N, C, L) of the input (L = the product of the spatial
+// sizes) stored densely either channel-major (NCL, what NCHW gives) or channel-minor
+// (NLC, what channels_last gives). The Python launcher makes that view.
+//
+// Statistics are (count, mean, biased variance) per channel, combined with Chan et
+// al.'s pairwise update: each task sums a tile of at most kTile elements per channel
+// in the compute type (two passes over the tile, which is in cache: its mean, then
+// the squared deviations from it) and merges the tile into its running moments in
+// double. So an input with mean 1e4 and std 1 in float32 keeps its variance; the
+// one-pass E[x^2] - E[x]^2 would not. The tasks' partial moments come back as a
+// (P, 3, C) tensor and are merged by batch_norm_merge_stats, which also combines the
+// partials of several processes (SyncBatchNorm).
+//
+// Normalisation and the input gradient are one per-channel affine map,
+//   out = p[c] * (u - mu[c]) + q[c] * (v - mv[c]) + r[c],
+// with coefficients for each case built once per channel (channel_affine below).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace pyops {
+
+namespace {
+
+constexpr int64_t kTile = 4096;       // elements per channel summed before a merge in double
+constexpr int64_t kMinTaskWork = 32768;  // elements per task, so small inputs do not pay for threads
+constexpr int kLanes = 16;            // independent accumulators: a reduction the compiler vectorises
+
+struct View {
+  int64_t N, C, L;
+  bool nlc;
+};
+
+View view_of(const at::Tensor& x, bool channels_last, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 3, name, " must be a 3-D (N, C, L) view, got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name, " must be floating point, got ", x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2);
+  if (channels_last) {
+    TORCH_CHECK((N <= 1 || x.stride(0) == L * C) && (C <= 1 || x.stride(1) == 1) && (L <= 1 || x.stride(2) == C),
+                name, " must be dense channel-minor (N, L, C) storage");
+  } else {
+    TORCH_CHECK(x.is_contiguous(), name, " must be contiguous (N, C, L) storage");
+  }
+  return {N, C, L, channels_last};
+}
+
+// Same shape, dtype and storage order (strides of size-1 dimensions do not matter).
+void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  bool same = a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type();
+  for (int64_t d = 0; same && d < a.dim(); ++d) same = a.size(d) <= 1 || a.stride(d) == b.stride(d);
+  TORCH_CHECK(same, an, " and ", bn, " must have the same shape, strides and dtype");
+}
+
+// A per-channel vector of C values as doubles (running stats, weights, stats rows).
+std::vector<double> channel_values(const c10::optional<at::Tensor>& t, int64_t C, double fill, const char* name) {
+  std::vector<double> out(C, fill);
+  if (!t.has_value() || !t->defined()) return out;
+  TORCH_CHECK(t->device().is_cpu() && t->numel() == C, name, " must be a CPU tensor of ", C, " elements, got ",
+              t->numel());
+  const at::Tensor d = t->to(at::kDouble).contiguous();
+  const double* p = d.const_data_ptr<double>();
+  std::copy(p, p + C, out.begin());
+  return out;
+}
+
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb == 0) return;
+    const double total = n + nb, delta = mean_b - mean;
+    mean += delta * nb / total;
+    m2 += m2_b + delta * delta * n * nb / total;
+    n = total;
+  }
+};
+
+template <typename scalar_t, typename opmath_t>
+inline opmath_t row_sum(const scalar_t* __restrict p, int64_t n) {
+  opmath_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<opmath_t>(p[i + j]);
+  opmath_t s = 0;
+  for (; i < n; ++i) s += static_cast<opmath_t>(p[i]);
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+template <typename scalar_t, typename opmath_t>
+inline opmath_t row_sq_dev(const scalar_t* __restrict p, int64_t n, opmath_t m) {
+  opmath_t acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const opmath_t d = static_cast<opmath_t>(p[i + j]) - m;
+      acc[j] += d * d;
+    }
+  opmath_t s = 0;
+  for (; i < n; ++i) {
+    const opmath_t d = static_cast<opmath_t>(p[i]) - m;
+    s += d * d;
+  }
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// (sum dy, sum dy * (x - m)) over one row.
+template <typename scalar_t, typename opmath_t>
+inline void row_grad_sums(const scalar_t* __restrict dy, const scalar_t* __restrict x, int64_t n, opmath_t m,
+                          opmath_t& s_dy, opmath_t& s_dyx) {
+  opmath_t a[kLanes] = {}, b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const opmath_t g = static_cast<opmath_t>(dy[i + j]);
+      a[j] += g;
+      b[j] += g * (static_cast<opmath_t>(x[i + j]) - m);
+    }
+  s_dy = 0;
+  s_dyx = 0;
+  for (; i < n; ++i) {
+    const opmath_t g = static_cast<opmath_t>(dy[i]);
+    s_dy += g;
+    s_dyx += g * (static_cast<opmath_t>(x[i]) - m);
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    s_dy += a[j];
+    s_dyx += b[j];
+  }
+}
+
+// How a reduction over (N, L) per channel is cut into tasks. NCL: task (c, chunk of
+// images); NLC: task = chunk of the N*L rows, all channels. Either way `splits` is the
+// number of partial results per channel, in a fixed order (deterministic sums).
+struct Split {
+  int64_t splits, per;  // partials per channel; images (NCL) or rows (NLC) per partial
+};
+
+Split split_of(const View& v) {
+  const int64_t threads = at::get_num_threads();
+  if (!v.nlc) {
+    const int64_t want = std::max<int64_t>(1, (2 * threads + v.C - 1) / std::max<int64_t>(v.C, 1));
+    const int64_t by_work = std::max<int64_t>(1, v.N * v.L / kMinTaskWork);
+    const int64_t splits = std::max<int64_t>(1, std::min({want, by_work, v.N}));
+    const int64_t per = std::max<int64_t>(1, (v.N + splits - 1) / splits);
+    return {std::max<int64_t>(1, (v.N + per - 1) / per), per};
+  }
+  const int64_t rows = v.N * v.L;
+  const int64_t by_work = std::max<int64_t>(1, rows * v.C / kMinTaskWork);
+  const int64_t splits = std::max<int64_t>(1, std::min({2 * threads, by_work, rows}));
+  const int64_t per = std::max<int64_t>(1, (rows + splits - 1) / splits);
+  return {std::max<int64_t>(1, (rows + per - 1) / per), per};
+}
+
+// Run f over the tasks of a reduction in parallel: NCL f(c, split, n0, n1),
+// NLC f(-1, split, r0, r1).
+template <typename F>
+void for_each_task(const View& v, const Split& s, const F& f) {
+  if (!v.nlc) {
+    at::parallel_for(0, v.C * s.splits, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t c = t / s.splits, k = t % s.splits;
+        f(c, k, k * s.per, std::min(v.N, (k + 1) * s.per));
+      }
+    });
+  } else {
+    const int64_t rows = v.N * v.L;
+    at::parallel_for(0, s.splits, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) f(int64_t{-1}, k, k * s.per, std::min(rows, (k + 1) * s.per));
+    });
+  }
+}
+
+template <typename scalar_t>
+void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::Tensor& partials) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  double* out = partials.mutable_data_ptr<double>();  // (splits, 3, C)
+  const int64_t C = v.C, L = v.L;
+  for_each_task(v, s, [&](int64_t c, int64_t k, int64_t b, int64_t e) {
+    if (!v.nlc) {
+      Moments m;
+      for (int64_t n = b; n < e; ++n) {
+        const scalar_t* row = px + (n * C + c) * L;
+        for (int64_t i = 0; i < L; i += kTile) {
+          const int64_t len = std::min(kTile, L - i);
+          const opmath_t tm = row_sum<scalar_t, opmath_t>(row + i, len) / static_cast<opmath_t>(len);
+          m.merge(static_cast<double>(len), tm, row_sq_dev<scalar_t, opmath_t>(row + i, len, tm));
+        }
+      }
+      out[(k * 3 + 0) * C + c] = m.n;
+      out[(k * 3 + 1) * C + c] = m.mean;
+      out[(k * 3 + 2) * C + c] = m.n > 0 ? m.m2 / m.n : 0.0;
+      return;
+    }
+    std::vector<Moments> m(C);
+    std::vector<opmath_t> acc(C), tm(C);
+    const int64_t tile_rows = std::max<int64_t>(1, kTile / std::max<int64_t>(C, 1));
+    for (int64_t r = b; r < e; r += tile_rows) {
+      const int64_t rows = std::min(tile_rows, e - r);
+      const scalar_t* tile = px + r * C;
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      opmath_t* __restrict a = acc.data();
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t ch = 0; ch < C; ++ch) a[ch] += static_cast<opmath_t>(tile[i * C + ch]);
+      for (int64_t ch = 0; ch < C; ++ch) tm[ch] = a[ch] / static_cast<opmath_t>(rows);
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      const opmath_t* __restrict t = tm.data();
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
+          a[ch] += d * d;
+        }
+      for (int64_t ch = 0; ch < C; ++ch) m[ch].merge(static_cast<double>(rows), t[ch], a[ch]);
+    }
+    for (int64_t ch = 0; ch < C; ++ch) {
+      out[(k * 3 + 0) * C + ch] = m[ch].n;
+      out[(k * 3 + 1) * C + ch] = m[ch].mean;
+      out[(k * 3 + 2) * C + ch] = m[ch].n > 0 ? m[ch].m2 / m[ch].n : 0.0;
+    }
+  });
+}
+
+template <typename scalar_t>
+void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, const Split& s,
+                    const std::vector<double>& mean, at::Tensor& partials) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  double* out = partials.mutable_data_ptr<double>();  // (splits, 2, C)
+  const int64_t C = v.C, L = v.L;
+  for_each_task(v, s, [&](int64_t c, int64_t k, int64_t b, int64_t e) {
+    if (!v.nlc) {
+      double s_dy = 0, s_dyx = 0;
+      const opmath_t m = static_cast<opmath_t>(mean[c]);
+      for (int64_t n = b; n < e; ++n) {
+        const int64_t off = (n * C + c) * L;
+        for (int64_t i = 0; i < L; i += kTile) {
+          opmath_t a, bb;
+          row_grad_sums<scalar_t, opmath_t>(pdy + off + i, px + off + i, std::min(kTile, L - i), m, a, bb);
+          s_dy += a;
+          s_dyx += bb;
+        }
+      }
+      out[(k * 2 + 0) * C + c] = s_dy;
+      out[(k * 2 + 1) * C + c] = s_dyx;
+      return;
+    }
+    std::vector<double> tot_dy(C, 0.0), tot_dyx(C, 0.0);
+    std::vector<opmath_t> a(C), bb(C), mm(C);
+    for (int64_t ch = 0; ch < C; ++ch) mm[ch] = static_cast<opmath_t>(mean[ch]);
+    const int64_t tile_rows = std::max<int64_t>(1, kTile / std::max<int64_t>(C, 1));
+    for (int64_t r = b; r < e; r += tile_rows) {
+      const int64_t rows = std::min(tile_rows, e - r);
+      std::fill(a.begin(), a.end(), opmath_t(0));
+      std::fill(bb.begin(), bb.end(), opmath_t(0));
+      opmath_t* __restrict pa = a.data();
+      opmath_t* __restrict pb = bb.data();
+      const opmath_t* __restrict pm = mm.data();
+      for (int64_t i = 0; i < rows; ++i) {
+        const scalar_t* g = pdy + (r + i) * C;
+        const scalar_t* xx = px + (r + i) * C;
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const opmath_t gv = static_cast<opmath_t>(g[ch]);
+          pa[ch] += gv;
+          pb[ch] += gv * (static_cast<opmath_t>(xx[ch]) - pm[ch]);
+        }
+      }
+      for (int64_t ch = 0; ch < C; ++ch) {
+        tot_dy[ch] += pa[ch];
+        tot_dyx[ch] += pb[ch];
+      }
+    }
+    for (int64_t ch = 0; ch < C; ++ch) {
+      out[(k * 2 + 0) * C + ch] = tot_dy[ch];
+      out[(k * 2 + 1) * C + ch] = tot_dyx[ch];
+    }
+  });
+}
+
+// Per-channel coefficients of out = p * (u - mu) + q * (v - mv) + r.
+struct Affine {
+  std::vector<double> p, mu, q, mv, r;
+  explicit Affine(int64_t C) : p(C, 0.0), mu(C, 0.0), q(C, 0.0), mv(C, 0.0), r(C, 0.0) {}
+};
+
+template <typename scalar_t, bool HAS_V>
+void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::Tensor& out, const View& v,
+                         const Affine& a) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = v.C, L = v.L;
+  std::vector<opmath_t> p(C), mu(C), q(C), mv(C), r(C);
+  for (int64_t c = 0; c < C; ++c) {
+    p[c] = static_cast<opmath_t>(a.p[c]);
+    mu[c] = static_cast<opmath_t>(a.mu[c]);
+    q[c] = static_cast<opmath_t>(a.q[c]);
+    mv[c] = static_cast<opmath_t>(a.mv[c]);
+    r[c] = static_cast<opmath_t>(a.r[c]);
+  }
+  const scalar_t* pu = u.const_data_ptr<scalar_t>();
+  const scalar_t* pv = HAS_V ? v_t->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* po = out.mutable_data_ptr<scalar_t>();
+  if (!v.nlc) {
+    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(L, 1));
+    at::parallel_for(0, v.N * C, grain, [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t c = row % C;
+        const opmath_t pc = p[c], muc = mu[c], qc = q[c], mvc = mv[c], rc = r[c];
+        const scalar_t* __restrict uu = pu + row * L;
+        const scalar_t* __restrict vv = HAS_V ? pv + row * L : nullptr;
+        scalar_t* __restrict oo = po + row * L;
+        for (int64_t i = 0; i < L; ++i) {
+          opmath_t y = pc * (static_cast<opmath_t>(uu[i]) - muc) + rc;
+          if constexpr (HAS_V) y += qc * (static_cast<opmath_t>(vv[i]) - mvc);
+          oo[i] = static_cast<scalar_t>(y);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(C, 1));
+  at::parallel_for(0, v.N * L, grain, [&](int64_t b, int64_t e) {
+    const opmath_t* __restrict pp = p.data();
+    const opmath_t* __restrict pmu = mu.data();
+    const opmath_t* __restrict pq = q.data();
+    const opmath_t* __restrict pmv = mv.data();
+    const opmath_t* __restrict pr = r.data();
+    for (int64_t row = b; row < e; ++row) {
+      const scalar_t* __restrict uu = pu + row * C;
+      const scalar_t* __restrict vv = HAS_V ? pv + row * C : nullptr;
+      scalar_t* __restrict oo = po + row * C;
+      for (int64_t c = 0; c < C; ++c) {
+        opmath_t y = pp[c] * (static_cast<opmath_t>(uu[c]) - pmu[c]) + pr[c];
+        if constexpr (HAS_V) y += pq[c] * (static_cast<opmath_t>(vv[c]) - pmv[c]);
+        oo[c] = static_cast<scalar_t>(y);
+      }
+    }
+  });
+}
+
+void channel_affine(const at::Tensor& u, const at::Tensor* v_t, const at::Tensor& out, const View& v,
+                    const Affine& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, u.scalar_type(), "pyops_batch_norm_affine", [&] {
+    if (v_t != nullptr) {
+      channel_affine_impl<scalar_t, true>(u, v_t, out, v, a);
+    } else {
+      channel_affine_impl<scalar_t, false>(u, nullptr, out, v, a);
+    }
+  });
+}
+
+}  // namespace
+
+// Partial moments of x (N, C, L) per channel: a (P, 3, C) float64 tensor of
+// (count, mean, biased variance) rows, P partials per channel in a fixed order.
+at::Tensor batch_norm_partial_stats(const at::Tensor& x, bool channels_last) {
+  const View v = view_of(x, channels_last, "input");
+  const Split s = split_of(v);
+  at::Tensor partials = at::zeros({std::max<int64_t>(s.splits, 1), 3, v.C}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0) return partials;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_stats", [&] {
+    partial_stats_impl<scalar_t>(x, v, s, partials);
+  });
+  return partials;
+}
+
+// Merge (P, 3, C) partial moments, in order, into out (3, C): (count, mean, biased
+// variance). With running stats, update them in place as torch does (unbiased
+// variance, factor `momentum`) unless the count is 0.
+void batch_norm_merge_stats(const at::Tensor& partials, const at::Tensor& out,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, double momentum) {
+  TORCH_CHECK(partials.dim() == 3 && partials.size(1) == 3, "partials must be (P, 3, C), got ", partials.sizes());
+  const int64_t P = partials.size(0), C = partials.size(2);
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.dim() == 2 && out.size(0) == 3 && out.size(1) == C,
+              "out must be a contiguous (3, ", C, ") CPU tensor");
+  const at::Tensor pd = partials.to(at::kDouble).contiguous();
+  const double* pp = pd.const_data_ptr<double>();
+  std::vector<double> n(C), mean(C), var(C);
+  for (int64_t c = 0; c < C; ++c) {
+    Moments m;
+    for (int64_t k = 0; k < P; ++k) {
+      const double nb = pp[(k * 3 + 0) * C + c];
+      m.merge(nb, pp[(k * 3 + 1) * C + c], pp[(k * 3 + 2) * C + c] * nb);
+    }
+    n[c] = m.n;
+    mean[c] = m.mean;
+    var[c] = m.n > 0 ? m.m2 / m.n : 0.0;
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_batch_norm_merge_out", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      o[c] = static_cast<scalar_t>(n[c]);
+      o[C + c] = static_cast<scalar_t>(mean[c]);
+      o[2 * C + c] = static_cast<scalar_t>(var[c]);
+    }
+  });
+  auto update = [&](const c10::optional<at::Tensor>& running, bool is_var) {
+    if (!running.has_value() || !running->defined()) return;
+    const at::Tensor& t = *running;
+    TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.numel() == C,
+                is_var ? "running_var" : "running_mean", " must be a contiguous CPU tensor of ", C, " elements");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "pyops_batch_norm_running", [&] {
+      scalar_t* pr = t.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        if (n[c] == 0) continue;
+        const double stat = is_var ? var[c] * n[c] / (n[c] - 1) : mean[c];
+        pr[c] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(pr[c]) + momentum * stat);
+      }
+    });
+  };
+  update(running_mean, false);
+  update(running_var, true);
+}
+
+// y = (x - mean) / sqrt(var + eps) * weight + bias, per channel.
+void batch_norm_apply(const at::Tensor& x, const at::Tensor& y, const at::Tensor& mean, const at::Tensor& var,
+                      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, double eps,
+                      bool channels_last) {
+  const View v = view_of(x, channels_last, "input");
+  check_same(x, "input", y, "output");
+  if (x.numel() == 0) return;
+  const auto m = channel_values(mean, v.C, 0.0, "mean");
+  const auto s2 = channel_values(var, v.C, 1.0, "var");
+  const auto w = channel_values(weight, v.C, 1.0, "weight");
+  const auto b = channel_values(bias, v.C, 0.0, "bias");
+  Affine a(v.C);
+  for (int64_t c = 0; c < v.C; ++c) {
+    a.p[c] = w[c] / std::sqrt(s2[c] + eps);
+    a.mu[c] = m[c];
+    a.r[c] = b[c];
+  }
+  channel_affine(x, nullptr, y, v, a);
+}
+
+// The two per-channel reductions of the backward in one pass, summed in a fixed order:
+// out (4, C) float64 = (sum dy, sum dy * (x - mean), grad_weight, grad_bias), where
+// grad_weight = sum dy * (x - mean) / sqrt(var + eps) and grad_bias = sum dy.
+at::Tensor batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                      const at::Tensor& var, double eps, bool channels_last) {
+  const View v = view_of(x, channels_last, "input");
+  check_same(x, "input", dy, "grad_output");
+  at::Tensor out = at::zeros({4, v.C}, x.options().dtype(at::kDouble));
+  const auto m = channel_values(mean, v.C, 0.0, "mean");
+  const auto s2 = channel_values(var, v.C, 1.0, "var");
+  if (x.numel() > 0) {
+    const Split s = split_of(v);
+    at::Tensor partials = at::empty({s.splits, 2, v.C}, out.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_grad_sums", [&] {
+      grad_sums_impl<scalar_t>(dy, x, v, s, m, partials);
+    });
+    const double* pp = partials.const_data_ptr<double>();
+    double* o = out.mutable_data_ptr<double>();
+    for (int64_t k = 0; k < s.splits; ++k)
+      for (int64_t c = 0; c < 2 * v.C; ++c) o[c] += pp[k * 2 * v.C + c];
+  }
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t c = 0; c < v.C; ++c) {
+    o[2 * v.C + c] = o[v.C + c] / std::sqrt(s2[c] + eps);
+    o[3 * v.C + c] = o[c];
+  }
+  return out;
+}
+
+// grad_input of batch norm. Training (batch statistics, `count` elements per channel):
+//   dx = (dy - sum_dy / M - (x - mean) * sum_dy_xmu / (M (var + eps))) * weight / sqrt(var + eps)
+// with sums = (sum_dy, sum_dy_xmu) (2, C); eval (running statistics): dx = dy * weight / sqrt(var + eps).
+void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
+                               const at::Tensor& mean, const at::Tensor& var,
+                               const c10::optional<at::Tensor>& weight, const at::Tensor& sums,
+                               const at::Tensor& count, double eps, bool training, bool channels_last) {
+  const View v = view_of(x, channels_last, "input");
+  check_same(x, "input", dy, "grad_output");
+  check_same(x, "input", dx, "grad_input");
+  if (x.numel() == 0) return;
+  const auto s2 = channel_values(var, v.C, 1.0, "var");
+  const auto w = channel_values(weight, v.C, 1.0, "weight");
+  Affine a(v.C);
+  for (int64_t c = 0; c < v.C; ++c) a.p[c] = w[c] / std::sqrt(s2[c] + eps);
+  if (!training) {
+    channel_affine(dy, nullptr, dx, v, a);
+    return;
+  }
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) >= 2 && sums.size(1) == v.C, "sums must be (2, C)");
+  const at::Tensor sd = sums.to(at::kDouble).contiguous();
+  const double* ps = sd.const_data_ptr<double>();
+  const auto m = channel_values(mean, v.C, 0.0, "mean");
+  const auto n = channel_values(count, v.C, 1.0, "count");
+  for (int64_t c = 0; c < v.C; ++c) {
+    const double k = ps[v.C + c] / (n[c] * (s2[c] + eps));
+    a.q[c] = -a.p[c] * k;
+    a.mv[c] = m[c];
+    a.r[c] = -a.p[c] * ps[c] / n[c];
+  }
+  channel_affine(dy, &x, dx, v, a);
+}
+
+}  // namespace pyops

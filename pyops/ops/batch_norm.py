@@ -1,0 +1,327 @@
+"""Batch normalisation: the ``pyops::batch_norm_*`` operators, launchers and Functions.
+
+Operators take 3-D views (N, C, L) of the input (L = product of the spatial sizes),
+stored densely channel-major (NCL, e.g. NCHW) or channel-minor (NLC, channels_last);
+``as_ncl`` makes that view. Statistics travel as one (3, C) tensor of (count, mean,
+biased variance) rows, float32 (float64 for float64 inputs):
+
+- ``batch_norm_stats``: a process's statistics of x, updating running stats;
+- ``batch_norm_gather_stats``: merge (P, 3, C) statistics (one per process, for
+  SyncBatchNorm), updating running stats;
+- ``batch_norm_apply``: y = (x - mean) / sqrt(var + eps) * weight + bias;
+- ``batch_norm_backward_reduce``: (sum dy, sum dy * (x - mean), grad_weight, grad_bias)
+  as (4, C), the two reductions in one pass;
+- ``batch_norm_backward_input``: grad_input from those sums (training) or from the
+  running statistics (eval).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
+from .._library import op
+from .._tensor import suggests_channels_last
+from ._launch import cdiv, launch_elementwise, needs_int64, sm_count
+
+
+def is_nlc(x: Tensor) -> bool:
+    """Whether batch norm of ``x`` (N, C, *) runs, and returns, channel-minor: torch's channels_last rule."""
+    return suggests_channels_last(x)
+
+
+def as_ncl(t: Tensor, nlc: bool) -> Tensor:
+    """(N, C, L) view of ``t`` in the given storage order (copying only when it is not)."""
+    N, C = t.shape[0], t.shape[1]
+    L = math.prod(t.shape[2:])
+    t = t.movedim(1, -1).contiguous().movedim(-1, 1) if nlc else t.contiguous()
+    return t.view(N, C, L)
+
+
+def _nlc3(x3: Tensor) -> bool:
+    """Whether an (N, C, L) view is stored channel-minor (as_ncl's views are NCL-contiguous otherwise)."""
+    return not x3.is_contiguous()
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty_ncl(x3: Tensor) -> Tensor:
+    """An uninitialised tensor shaped and stored like ``as_ncl``'s view ``x3``."""
+    N, C, L = x3.shape
+    if _nlc3(x3):
+        return torch.empty((N, L, C), dtype=x3.dtype, device=x3.device).permute(0, 2, 1)
+    return torch.empty((N, C, L), dtype=x3.dtype, device=x3.device)
+
+
+def _stats_out(x3: Tensor) -> Tensor:
+    return torch.empty((3, x3.shape[1]), dtype=stats_dtype(x3.dtype), device=x3.device)
+
+
+# ---------------------------------------------------------------- Triton launch shapes
+
+
+def _reduce_config(x3: Tensor):
+    """(config, splits, rows per split) of a per-channel reduction over the N*L rows of x3."""
+    k = triton_kernels().batchnorm
+    N, C, L = x3.shape
+    rows = N * L
+    if triton_interpreted() or x3.device.type != "cuda":
+        cfg = k.REDUCE_CONFIGS[0]
+        splits = min(2, max(1, cdiv(rows, cfg.kwargs["BLOCK_R"])))  # small, but exercises the merge
+    else:
+        if _nlc3(x3):
+            cfg = k.REDUCE_CONFIGS[3]
+        else:
+            cfg = k.REDUCE_CONFIGS[1] if L >= 512 else k.REDUCE_CONFIGS[2]
+        blocks = cdiv(C, cfg.kwargs["BLOCK_C"])
+        splits = max(1, min(cdiv(4 * sm_count(x3.device), blocks), cdiv(rows, 4 * cfg.kwargs["BLOCK_R"])))
+    block_r = cfg.kwargs["BLOCK_R"]
+    per = max(1, cdiv(cdiv(rows, splits), block_r)) * block_r
+    return cfg, max(1, cdiv(rows, per)), per
+
+
+def _device_guard(t: Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _merge(partials: Tensor, out: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+           momentum: float) -> None:
+    if select(partials, out, running_mean, running_var) == "cpp":
+        cpp_extension().batch_norm_merge_stats(partials, out, running_mean, running_var, momentum)
+        return
+    k = triton_kernels().batchnorm
+    C = out.shape[1]
+    has_running = running_mean is not None
+    if has_running != (running_var is not None):
+        raise RuntimeError("pyops: running_mean and running_var must both be given or both be None")
+    with _device_guard(out):
+        k.merge_stats_kernel[(cdiv(C, k.MERGE_BLOCK_C),)](
+            partials.contiguous(), out, running_mean if has_running else out, running_var if has_running else out,
+            partials.shape[0], C, float(momentum), HAS_RUNNING=has_running, BLOCK_C=k.MERGE_BLOCK_C)
+
+
+def _check_running(running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and not t.is_contiguous():
+            raise RuntimeError(f"pyops: {name} must be contiguous")
+
+
+# ---------------------------------------------------------------- operators
+
+
+@op("batch_norm_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> Tensor")
+def batch_norm_stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                     momentum: float) -> Tensor:
+    """(3, C) (count, mean, biased var) of x (N, C, L) per channel; running stats updated in place."""
+    _check_running(running_mean, running_var)
+    out = _stats_out(x)
+    if select(x) == "cpp":
+        partials = cpp_extension().batch_norm_partial_stats(x, _nlc3(x))
+    else:
+        k = triton_kernels().batchnorm
+        N, C, L = x.shape
+        cfg, splits, per = _reduce_config(x)
+        partials = torch.zeros((splits, 3, C), dtype=out.dtype, device=x.device)
+        if x.numel() > 0:
+            with _device_guard(x):
+                k.partial_stats_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
+                    x, partials, N * L, C, L, per, CHANNELS_LAST=_nlc3(x), IDX64=needs_int64(x), **cfg.kwargs,
+                    num_warps=cfg.num_warps)
+    _merge(partials, out, running_mean, running_var, momentum)
+    return out
+
+
+@batch_norm_stats.register_fake
+def _(x, running_mean, running_var, momentum):
+    return _stats_out(x)
+
+
+@op("batch_norm_gather_stats(Tensor partials, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+    "float momentum) -> Tensor")
+def batch_norm_gather_stats(partials: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                            momentum: float) -> Tensor:
+    """Merge (P, 3, C) statistics, in order, into (3, C); running stats updated in place."""
+    _check_running(running_mean, running_var)
+    out = torch.empty(partials.shape[1:], dtype=partials.dtype, device=partials.device)
+    _merge(partials, out, running_mean, running_var, momentum)
+    return out
+
+
+@batch_norm_gather_stats.register_fake
+def _(partials, running_mean, running_var, momentum):
+    return partials.new_empty(partials.shape[1:])
+
+
+def _elementwise(mode: int, u: Tensor, v: Tensor | None, mean: Tensor, var: Tensor, weight: Tensor | None,
+                 bias: Tensor | None, sums: Tensor | None, count: Tensor | None, eps: float) -> Tensor:
+    k = triton_kernels().batchnorm
+    out = _empty_ncl(u)
+    N, C, L = u.shape
+    dummy = var
+    launch_elementwise(k.elementwise_kernel, k.ELEMENTWISE_CONFIGS, u.numel(), u.device,
+                       u, u if v is None else v, out, mean, var, dummy if weight is None else weight,
+                       dummy if bias is None else bias, dummy if sums is None else sums,
+                       dummy if count is None else count, u.numel(), C, L, float(eps), MODE=mode,
+                       HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=_nlc3(u),
+                       IDX64=needs_int64(u))
+    return out
+
+
+@op("batch_norm_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> Tensor")
+def batch_norm_apply(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over x (N, C, L), per channel; same storage order."""
+    if select(x, mean, var, weight, bias) == "cpp":
+        y = _empty_ncl(x)
+        cpp_extension().batch_norm_apply(x, y, mean, var, weight, bias, eps, _nlc3(x))
+        return y
+    return _elementwise(0, x, None, mean, var, weight, bias, None, None, eps)
+
+
+@batch_norm_apply.register_fake
+def _(x, mean, var, weight, bias, eps):
+    return _empty_ncl(x)
+
+
+@op("batch_norm_backward_reduce(Tensor grad_output, Tensor x, Tensor mean, Tensor var, float eps) -> Tensor")
+def batch_norm_backward_reduce(grad_output: Tensor, x: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tensor:
+    """(4, C): sum dy, sum dy * (x - mean), grad_weight, grad_bias; statistics dtype."""
+    if select(grad_output, x, mean, var) == "cpp":
+        return cpp_extension().batch_norm_backward_reduce(grad_output, x, mean, var, eps, _nlc3(x)).to(
+            stats_dtype(x.dtype))
+    k = triton_kernels().batchnorm
+    N, C, L = x.shape
+    out = torch.empty((4, C), dtype=stats_dtype(x.dtype), device=x.device)
+    cfg, splits, per = _reduce_config(x)
+    partials = torch.zeros((splits, 2, C), dtype=out.dtype, device=x.device)
+    with _device_guard(x):
+        if x.numel() > 0:
+            k.grad_sums_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
+                grad_output, x, mean, partials, N * L, C, L, per, CHANNELS_LAST=_nlc3(x),
+                IDX64=needs_int64(x), **cfg.kwargs, num_warps=cfg.num_warps)
+        k.grad_finalize_kernel[(cdiv(C, k.MERGE_BLOCK_C),)](partials, var, out, splits, C, float(eps),
+                                                             BLOCK_C=k.MERGE_BLOCK_C)
+    return out
+
+
+@batch_norm_backward_reduce.register_fake
+def _(grad_output, x, mean, var, eps):
+    return x.new_empty((4, x.shape[1]), dtype=stats_dtype(x.dtype))
+
+
+@op("batch_norm_backward_input(Tensor grad_output, Tensor x, Tensor mean, Tensor var, Tensor? weight, "
+    "Tensor sums, Tensor count, float eps, bool training) -> Tensor")
+def batch_norm_backward_input(grad_output: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                              sums: Tensor, count: Tensor, eps: float, training: bool) -> Tensor:
+    """grad_input: from the (2, C) sums (sum dy, sum dy (x - mean)) and count with batch statistics, else dy's map."""
+    if select(grad_output, x, mean, var, weight, sums, count) == "cpp":
+        dx = _empty_ncl(x)
+        cpp_extension().batch_norm_backward_input(grad_output, x, dx, mean, var, weight, sums, count, eps, training,
+                                                  _nlc3(x))
+        return dx
+    if training:
+        return _elementwise(1, grad_output, x, mean, var, weight, None, sums.contiguous(), count, eps)
+    return _elementwise(2, grad_output, None, mean, var, weight, None, None, None, eps)
+
+
+@batch_norm_backward_input.register_fake
+def _(grad_output, x, mean, var, weight, sums, count, eps, training):
+    return _empty_ncl(x)
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def _param_grads(ctx, red: Tensor | None, weight: Tensor | None, bias: Tensor | None):
+    gw = red[2].to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+    gb = red[3].to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+    return gw, gb
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch norm over (N, C, *) with batch statistics (training) or the given running ones."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
+                eps: float):
+        nlc = is_nlc(x)
+        x3 = as_ncl(x, nlc)
+        if training:
+            stats = torch.ops.pyops.batch_norm_stats(x3, running_mean, running_var, momentum)
+            count, mean, var = stats[0], stats[1], stats[2]
+        else:
+            count, mean, var = running_var, running_mean, running_var
+        y3 = torch.ops.pyops.batch_norm_apply(x3, mean, var, weight, bias, eps)
+        ctx.save_for_backward(x3, weight, bias, mean, var, count)
+        ctx.meta = (nlc, training, eps, x.shape)
+        return y3.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x3, weight, bias, mean, var, count = ctx.saved_tensors
+        nlc, training, eps, shape = ctx.meta
+        dy3 = as_ncl(grad_output, nlc)
+        red = None
+        if training or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            red = torch.ops.pyops.batch_norm_backward_reduce(dy3, x3, mean, var, eps)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            sums = red[:2] if training else var
+            dx = torch.ops.pyops.batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
+                                                           training).view(shape)
+        gw, gb = _param_grads(ctx, red, weight, bias)
+        return dx, None, None, gw, gb, None, None, None
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training batch norm whose statistics and gradient sums span every process of a group.
+
+    Each process computes its (3, C) statistics with pyops' kernels; they are gathered
+    with torch.distributed and merged (count-weighted) by the same merge kernel; the
+    backward all-reduces the two per-channel gradient sums. grad_weight and grad_bias
+    stay local, as in torch.nn.SyncBatchNorm (DDP averages them).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight, bias, running_mean, running_var, eps: float, momentum: float,
+                process_group, world_size: int):
+        import torch.distributed as dist
+
+        nlc = is_nlc(x)
+        x3 = as_ncl(x, nlc)
+        local = torch.ops.pyops.batch_norm_stats(x3, None, None, 0.0)
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=process_group)
+        stats = torch.ops.pyops.batch_norm_gather_stats(torch.stack(gathered), running_mean, running_var, momentum)
+        count, mean, var = stats[0], stats[1], stats[2]
+        y3 = torch.ops.pyops.batch_norm_apply(x3, mean, var, weight, bias, eps)
+        ctx.save_for_backward(x3, weight, bias, mean, var, count)
+        ctx.meta = (nlc, eps, x.shape, process_group)
+        return y3.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        import torch.distributed as dist
+
+        x3, weight, bias, mean, var, count = ctx.saved_tensors
+        nlc, eps, shape, process_group = ctx.meta
+        dy3 = as_ncl(grad_output, nlc)
+        red = torch.ops.pyops.batch_norm_backward_reduce(dy3, x3, mean, var, eps)
+        sums = red[:2].contiguous()
+        dist.all_reduce(sums, dist.ReduceOp.SUM, group=process_group)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.pyops.batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
+                                                           True).view(shape)
+        gw = red[2].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        gb = red[3].to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, gw, gb, None, None, None, None, None, None
