@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
+import bench_batchnorm  # noqa: E402
 import bench_conv  # noqa: E402
 import bench_elementwise  # noqa: E402
 import bench_pooling  # noqa: E402
 import harness  # noqa: E402
 
-SUITES = {"conv": bench_conv, "elementwise": bench_elementwise, "pooling": bench_pooling}
+SUITES = {"batchnorm": bench_batchnorm, "conv": bench_conv, "elementwise": bench_elementwise, "pooling": bench_pooling}
 
 
 def _progress():
