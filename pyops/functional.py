@@ -102,6 +102,21 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     return out.squeeze(0) if input.dim() == 3 else out
 
 
+def _autocast(*tensors):
+    """Under torch.autocast for the tensors' device, its low-precision dtype for a conv, as torch casts.
+
+    Returns the tensors (None stays None) cast to the autocast dtype when autocast is
+    on for their device type and they are floating point; otherwise unchanged.
+    """
+    if not all(t is None or isinstance(t, Tensor) for t in tensors) or tensors[0] is None:
+        return tensors  # the argument checks say what is wrong
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1) -> Tensor:
     """2-D convolution of an (N, C, H, W) or (C, H, W) input, as torch.nn.functional.conv2d.
@@ -111,6 +126,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     (out_channels, in_channels / groups, kH, kW). The output is channels_last when the
     input or the weight is.
     """
+    input, weight, bias = _autocast(input, weight, bias)
     _conv.check_tensors("conv2d", input, weight, bias)
     unbatched = _conv.check_dims("conv2d", input, weight)
     stride, dilation = _conv.pairs(stride, dilation, "conv2d")
@@ -136,6 +152,7 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     ``weight`` is (in_channels, out_channels / groups, kH, kW); the output's size is
     (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1.
     """
+    input, weight, bias = _autocast(input, weight, bias)
     _conv.check_tensors("conv_transpose2d", input, weight, bias)
     unbatched = _conv.check_dims("conv_transpose2d", input, weight)
     stride, dilation = _conv.pairs(stride, dilation, "conv_transpose2d")
