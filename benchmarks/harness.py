@@ -194,7 +194,7 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table of result rows (one line per case)."""
     rate = "TFLOP/s" if rows and "pyops_tflops" in rows[0] else "GB/s"
     header = ["op", "mode", "shape", "dtype", "format", "config", "pyops ms", "torch ms", "speedup", f"pyops {rate}",
-              f"torch {rate}", "ok"]
+              f"torch {rate}", "% peak", "ok"]
     lines = [header]
     for r in rows:
         lines.append([
@@ -203,6 +203,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['pyops_ms']:.4f}", f"{r['torch_ms']:.4f}", f"{r['speedup']:.2f}",
             *((f"{r['pyops_tflops']:.2f}", f"{r['torch_tflops']:.2f}") if rate == "TFLOP/s" else
               (f"{r['pyops_gbps']:.1f}", f"{r['torch_gbps']:.1f}")),
+            f"{r['pct_peak']:.1f}" if "pct_peak" in r else "",
             "yes" if r["correct"] else "NO",
         ])
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]

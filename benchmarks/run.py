@@ -1,10 +1,14 @@
 """The benchmark suite (the README's main job): pyops against torch on this machine.
 
-    python benchmarks/run.py [--device cpu|cuda] [--full] [--threads N] [--out DIR]
+    python benchmarks/run.py [--device cpu|cuda] [--full] [--threads N] [--out DIR] [--only SUITE]
+    python benchmarks/run.py --compare OLD NEW      # change per case between two result folders/files
 
-On a CUDA machine the Triton kernels are measured against torch's CUDA kernels; else
-the C++ kernels against ATen on the CPU. Prints a table per op family and writes JSON
-rows (device, dtype, shapes, versions, commit) under benchmarks/results/<device>/.
+On a CUDA machine the Triton kernels are measured against cuDNN / torch's CUDA kernels;
+else the C++ kernels against ATen/oneDNN on the CPU. First measures the device's copy
+bandwidth and GEMM rate (the roofline ceilings; datasheet peaks for known GPUs), then
+runs every suite: a whole ResNet-style model, conv, batch norm, pooling, elementwise.
+Prints a table per suite and writes, under benchmarks/results/<device>/, JSON rows
+(device, dtype, shapes, versions, commit, % of peak), report.md and PNG plots.
 """
 from __future__ import annotations
 
@@ -18,10 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside t
 import bench_batchnorm  # noqa: E402
 import bench_conv  # noqa: E402
 import bench_elementwise  # noqa: E402
+import bench_model  # noqa: E402
 import bench_pooling  # noqa: E402
 import harness  # noqa: E402
+import report  # noqa: E402
+import roofline  # noqa: E402
 
-SUITES = {"batchnorm": bench_batchnorm, "conv": bench_conv, "elementwise": bench_elementwise, "pooling": bench_pooling}
+SUITES = {"model": bench_model, "conv": bench_conv, "batchnorm": bench_batchnorm, "pooling": bench_pooling,
+          "elementwise": bench_elementwise}
 
 
 def _progress():
@@ -39,7 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
     parser.add_argument("--only", choices=sorted(SUITES), action="append", help="run only these suites")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
+                        help="print the change per case between two result folders (or JSON files) and exit")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(report.compare(*args.compare))
+        return 0
 
     device = torch.device(args.device)
     if args.threads:
@@ -52,14 +65,18 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     out_dir = args.out or harness.default_out_dir(device)
     print(f"pyops benchmarks on {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    env["peaks"] = roofline.device_peaks(device, env["device"])
+    print(roofline.describe(env["peaks"]))
     failed = 0
     for name in args.only or list(SUITES):
-        rows = SUITES[name].run(device, args.full, progress=_progress())
+        rows = roofline.annotate(SUITES[name].run(device, args.full, progress=_progress()), env["peaks"])
         print(f"\n== {name} ==")
         print(harness.format_table(rows))
         path = harness.write_rows(rows, env, out_dir, name)
         print(f"rows written to {path}")
         failed += sum(not r["correct"] for r in rows)
+    for path in report.write_report(out_dir):
+        print(f"written {path}")
     if failed:
         print(f"\n{failed} case(s) failed the correctness check: their times are not results", file=sys.stderr)
         return 1

@@ -40,3 +40,44 @@ def test_correctness_check_can_fail():
     x = torch.rand(1000) + 0.5
     assert not bench_elementwise._correct("sigmoid", x, torch.sigmoid(x) + 0.01, torch.sigmoid(x))
     assert not bench_elementwise._correct("dropout", x, x.clone(), x)  # nothing dropped
+
+
+def test_roofline_report_and_compare(tmp_path):
+    import bench_batchnorm
+    import report
+    import roofline
+
+    device = torch.device("cpu")
+    rows = bench_batchnorm.run_case((3, 6, 5), True, torch.float32, torch.channels_last, device, 2)
+    assert len(rows) == 3 and all(r["correct"] for r in rows)
+    peaks = {"source": "test", "bandwidth_gbs": 10.0, "tflops": {"float32": 1.0},
+             "measured": {"copy_gbs": 10.0, "gemm_tflops": {"float32": 1.0}}}
+    roofline.annotate(rows, peaks)
+    assert all(abs(r["pct_peak"] - 10 * r["pyops_gbps"]) < 1e-9 for r in rows)
+    env = harness.environment(device)
+    env["peaks"] = peaks
+    old, new = tmp_path / "old", tmp_path / "new"
+    harness.write_rows(rows, env, old, "batchnorm")
+    faster = [dict(r, pyops_ms=r["pyops_ms"] / 2) for r in rows]
+    harness.write_rows(faster, env, new, "batchnorm")
+    written = report.write_report(new)
+    text = (new / "report.md").read_text()
+    assert "## batchnorm" in text and "% peak" in text and written[0].name == "report.md"
+    out = report.compare(old, new)
+    assert "3 cases in both; geometric mean old/new 2.000" in out
+
+
+def test_peaks_table_knows_the_h100():
+    import roofline
+
+    assert roofline.table_peaks("NVIDIA H100 80GB HBM3")["bandwidth_gbs"] == 3350
+    assert roofline.table_peaks("Some CPU") is None
+
+
+def test_whole_model_case_runs_and_checks_itself():
+    import bench_model
+
+    rows = bench_model.run_case(torch.float32, torch.contiguous_format, torch.device("cpu"),
+                                {"batch": 2, "size": 32, "width": 8})
+    assert [r["mode"] for r in rows] == ["train step", "inference"]
+    assert all(r["correct"] and r["pyops_images_per_s"] > 0 and r["flops"] > 0 for r in rows)
