@@ -17,7 +17,7 @@ pip_install() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 # torch first and explicitly: an unpinned `torch` would pull a multi-GB CUDA build
 # where a CPU wheel is at hand. A torch that is already there is kept.
 "$VPY" -c 'import torch' 2>/dev/null || pip_install "${PYOPS_TORCH:-torch==2.13.0}"
-pip_install "triton>=3.6,<3.10" ninja "setuptools>=64" wheel pytest hypothesis numpy tqdm
+pip_install "triton>=3.6,<3.10" ninja "setuptools>=64" wheel pytest hypothesis numpy tqdm matplotlib
 # --no-build-isolation: build against the torch above (an isolated build downloads one).
 pip_install --no-build-isolation .
 echo "pyops environment ready: $VENV ($("$VPY" -c 'import torch, triton; print(f"torch {torch.__version__}, triton {triton.__version__}")'))"
