@@ -4,7 +4,7 @@ Install into an environment that already has torch:
     pip install --no-build-isolation .        (or -e . for development)
 
 PYOPS_CPU_ARCH=auto|avx512|avx2|default chooses the SIMD level at::vec is built for
-(auto: what this machine's CPU reports).
+(auto: what this machine's CPU reports). PYOPS_SANITIZE=1 builds with ASan + UBSan.
 """
 import glob
 import os
@@ -55,6 +55,12 @@ def simd_level():
 _torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
 cxx_std = "-std=c++20" if _torch_version >= (2, 13) else "-std=c++17"
 cxx_flags = ["-O3", cxx_std, "-fopenmp", "-Wno-unknown-pragmas", *SIMD_FLAGS[simd_level()]]
+link_flags = ["-fopenmp"]
+# PYOPS_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer build (scripts/sanitize.sh).
+if os.environ.get("PYOPS_SANITIZE") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
+    cxx_flags = [f for f in cxx_flags if f != "-O3"] + ["-O1", *sanitize]
+    link_flags += sanitize
 
 setup(
     packages=["pyops", "pyops.ops", "pyops.triton_kernels"],
@@ -66,7 +72,7 @@ setup(
             "pyops._C",
             sorted(glob.glob("csrc/*.cpp")),
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -53,3 +53,13 @@ def backend_device(request):
 def assert_close(actual, expected, dtype=None):
     atol, rtol = TOL[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="long fuzzing profile: thousands of examples per op (tests/fuzz)")
+
+
+def pytest_configure(config):
+    if config.getoption("--long"):
+        os.environ["PYOPS_FUZZ"] = "long"

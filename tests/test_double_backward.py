@@ -9,6 +9,10 @@ OPS = {
     "dropout": lambda x: pyops.functional.dropout(x, 0.5),
     "max_pool2d": lambda x: pyops.functional.max_pool2d(x, 2),
     "avg_pool2d": lambda x: pyops.functional.avg_pool2d(x, 2),
+    "conv2d": lambda x: pyops.functional.conv2d(x, torch.ones(3, 2, 2, 2, dtype=x.dtype, device=x.device)),
+    "conv_transpose2d": lambda x: pyops.functional.conv_transpose2d(
+        x, torch.ones(2, 3, 2, 2, dtype=x.dtype, device=x.device), stride=2),
+    "batch_norm": lambda x: pyops.functional.batch_norm(x, None, None, training=True),
 }
 
 
