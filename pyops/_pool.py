@@ -52,7 +52,8 @@ def check_input(input: torch.Tensor, fn: str) -> None:
         raise RuntimeError(f"{fn}: Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for "
                            f"input, but got: {list(input.shape)}")
     if not input.is_floating_point():
-        raise RuntimeError(f"{fn}: expected a floating-point input, got {input.dtype}")
+        # NotImplementedError (a RuntimeError), as torch for dtypes it has no kernel for
+        raise NotImplementedError(f"{fn}: pyops has floating-point kernels only, got input of {input.dtype}")
 
 
 def check_geometry(input: torch.Tensor, kernel, stride, padding, dilation, ceil_mode: bool, fn: str,

@@ -1,0 +1,182 @@
+"""Edge cases against torch on both backends, and one table of bad input across every op.
+
+Empty batches, 1x1 and single-row/column planes, kernels as large as the input, extreme
+values, NaN/inf propagation, float16 overflow, in-place dropout on a view, an int64-index
+path on the CPU; and bad arguments: each raises the exception type torch raises, naming
+the argument, on both backends (never a crash).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyops
+from conftest import BACKEND_CASES, assert_close
+
+P = pyops.functional
+W = torch.randn(4, 3, 3, 3)
+WT = torch.randn(3, 2, 3, 3)
+
+# name -> (ours, theirs), functions of an (N, 3, H, W) input
+OPS = {
+    "conv2d": (lambda x: P.conv2d(x, W.to(x), padding=1), lambda x: F.conv2d(x, W.to(x), padding=1)),
+    "conv_transpose2d": (lambda x: P.conv_transpose2d(x, WT.to(x), stride=2),
+                         lambda x: F.conv_transpose2d(x, WT.to(x), stride=2)),
+    "max_pool2d": (lambda x: P.max_pool2d(x, 2, ceil_mode=True), lambda x: F.max_pool2d(x, 2, ceil_mode=True)),
+    "avg_pool2d": (lambda x: P.avg_pool2d(x, 2, ceil_mode=True), lambda x: F.avg_pool2d(x, 2, ceil_mode=True)),
+    "batch_norm": (lambda x: P.batch_norm(x, None, None, training=True),
+                   lambda x: F.batch_norm(x, None, None, training=True)),
+    "sigmoid": (P.sigmoid, torch.sigmoid),
+}
+
+
+def _both(name, x, device):
+    ours, theirs = OPS[name]
+    return ours(x.to(device)), theirs(x)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 1, 1), (2, 3, 1, 5), (2, 3, 6, 1), (1, 3, 2, 2)])
+def test_small_and_empty_shapes(backend_device, name, shape):
+    if name == "batch_norm" and shape == (2, 3, 1, 1):
+        shape = (3, 3, 1, 1)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    xo = x.detach().to(backend_device).requires_grad_()
+    ours, theirs = OPS[name]
+    y, ref = ours(xo), theirs(x)
+    assert y.shape == ref.shape
+    assert_close(y.cpu(), ref.detach())
+    if ref.numel():
+        g = torch.randn_like(ref)
+        (gx,) = torch.autograd.grad(y, xo, g.to(backend_device))
+        (gr,) = torch.autograd.grad(ref, x, g)
+        assert_close(gx.cpu(), gr)
+
+
+def test_kernel_as_large_as_the_input(backend_device):
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    w = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    assert_close(P.conv2d(x.to(backend_device), w.to(backend_device)).cpu(), F.conv2d(x, w))
+    assert_close(P.max_pool2d(x.to(backend_device), (5, 4)).cpu(), F.max_pool2d(x, (5, 4)))
+    assert_close(P.avg_pool2d(x.to(backend_device), (5, 4)).cpu(), F.avg_pool2d(x, (5, 4)))
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_nan_and_inf_propagate_like_torch(backend_device, name):
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 1, 2, 3] = float("inf")
+    x[1, 2, 4, 4] = float("-inf")
+    y, ref = _both(name, x, backend_device)
+    y = y.cpu()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), name
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)), name
+    finite = torch.isfinite(ref)
+    assert_close(y[finite], ref[finite], torch.float32)
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv_transpose2d", "sigmoid", "max_pool2d", "avg_pool2d"])
+def test_extreme_values_and_float16_overflow(backend_device, name):
+    # float16 overflow: sums accumulate in float32 and overflow to inf only on the final cast, as
+    # torch's CUDA kernels do (its CPU conv_transpose2d overflows in float16 intermediates: NaN)
+    x = torch.full((1, 3, 4, 4), 60000.0).half()
+    y = OPS[name][0](x.to(backend_device)).cpu()
+    ref = OPS[name][1](x.float()).half()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)) and not torch.isnan(y).any(), name
+    tiny = torch.full((1, 3, 4, 4), 1e-30)
+    y, ref = _both(name, tiny, backend_device)
+    assert_close(y.cpu(), ref)
+
+
+def test_batch_norm_of_huge_and_constant_channels(backend_device):
+    x = torch.randn(4, 3, 5, 5) * 1e15
+    x[:, 1] = 7.0  # zero variance: output is 0 * invstd(eps) + bias, as torch
+    y = P.batch_norm(x.to(backend_device), None, None, training=True)
+    ref = F.batch_norm(x.double(), None, None, training=True).float()
+    assert_close(y.cpu(), ref, torch.float32)
+
+
+def test_inplace_dropout_on_a_view(backend_device):
+    base = torch.ones(4, 10, device=backend_device)
+    view = base[:, 2:6]
+    out = P.dropout(view, 0.5, training=True, inplace=True)
+    assert out is view
+    assert ((base[:, 2:6] == 0) | (base[:, 2:6] == 2)).all() and (base[:, 2:6] == 0).any()
+    assert (base[:, :2] == 1).all() and (base[:, 6:] == 1).all()  # outside the view untouched
+
+
+def test_int64_indexing_on_the_cpu():
+    """More than 2^31 elements on the C++ backend: a tall average pool over 2^31 + 46341 halves (4 GiB)."""
+    import os
+
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if free < 10 * 2**30:
+        pytest.skip(f"needs ~10 GiB of free memory, this machine has {free / 2**30:.1f} GiB")
+    h, w = 46341, 46341  # h * w > 2^31
+    x = torch.zeros(1, 1, h, w, dtype=torch.float16)
+    x[0, 0, -1, -3:] = 6.0  # past the int32 boundary: lost if an offset wraps
+    with pyops.backend("cpp"):
+        y = P.avg_pool2d(x, (3, 1), stride=(3, 1))
+    assert y.shape == (1, 1, h // 3, w)
+    assert torch.equal(y[0, 0, -1, -3:], torch.full((3,), 2.0, dtype=torch.float16))
+    assert y[0, 0, :-1].abs().sum() == 0
+
+
+# ---------------------------------------------------------------- bad input, every op
+
+_x = torch.randn(2, 3, 6, 6)
+_rm = torch.zeros(3)
+BAD = [
+    # (case, ours, theirs, word the message must contain)
+    ("conv ndim", lambda f: f.conv2d(torch.randn(3, 6), W), "input"),
+    ("conv channels", lambda f: f.conv2d(torch.randn(2, 5, 6, 6), W), "channels"),
+    ("conv groups", lambda f: f.conv2d(_x, W, groups=2), "groups"),
+    ("conv kernel > padded input", lambda f: f.conv2d(torch.randn(1, 3, 2, 2), W), "kernel"),
+    ("conv negative padding", lambda f: f.conv2d(_x, W, padding=-1), "padding"),
+    ("conv zero stride", lambda f: f.conv2d(_x, W, stride=0), "stride"),
+    ("conv mixed dtypes", lambda f: f.conv2d(_x.double(), W), "type"),
+    ("conv bias not tensor", lambda f: f.conv2d(_x, W, [1.0]), "bias"),
+    ("conv_transpose output_padding", lambda f: f.conv_transpose2d(_x, WT, stride=2, output_padding=2),
+     "output padding"),
+    ("max_pool padding > k/2", lambda f: f.max_pool2d(_x, 2, padding=2), "pad"),
+    ("max_pool zero kernel", lambda f: f.max_pool2d(_x, 0), "kernel"),
+    ("max_pool 2-D input", lambda f: f.max_pool2d(torch.randn(6, 6), 2), ""),
+    ("max_pool bool input", lambda f: f.max_pool2d(_x.bool(), 2), ""),
+    ("avg_pool zero divisor", lambda f: f.avg_pool2d(_x, 2, divisor_override=0), "divisor"),
+    ("avg_pool output empty", lambda f: f.avg_pool2d(torch.randn(1, 1, 1, 1), 2), "size"),
+    ("avg_pool complex", lambda f: f.avg_pool2d(_x.to(torch.complex64), 2), ""),
+    ("batch_norm running_mean length", lambda f: f.batch_norm(_x, torch.zeros(4), torch.ones(3)), "running_mean"),
+    ("batch_norm one value per channel", lambda f: f.batch_norm(torch.randn(1, 3), None, None, training=True),
+     "value per channel"),
+    ("batch_norm eval without stats", lambda f: f.batch_norm(_x, None, None), "running_mean"),
+    ("batch_norm int input", lambda f: f.batch_norm(_x.long(), None, None, training=True), ""),
+    ("dropout p > 1", lambda f: f.dropout(_x, 1.5), "probability"),
+    ("dropout p < 0", lambda f: f.dropout(_x, -0.1), "probability"),
+    ("dropout int input", lambda f: f.dropout(_x.int(), 0.5), ""),
+    ("sigmoid not a tensor", lambda f: f.sigmoid([1.0, 2.0]), ""),
+]
+
+
+@pytest.mark.parametrize("backend", sorted({b for b, d in BACKEND_CASES if d == "cpu"}))
+@pytest.mark.parametrize("case,call,word", BAD, ids=[c for c, *_ in BAD])
+def test_bad_input_raises_like_torch_and_names_it(backend, case, call, word):
+    with pytest.raises(Exception) as theirs:
+        call(F) if case != "sigmoid not a tensor" else torch.sigmoid([1.0, 2.0])
+    with pytest.raises(theirs.type) as ours, pyops.backend(backend):
+        call(P)
+    assert word.lower() in str(ours.value).lower(), (case, str(ours.value))
+
+
+def test_integer_conv_is_not_implemented():
+    # torch's CPU conv computes integer convolutions; pyops has floating-point kernels only
+    with pytest.raises(NotImplementedError, match="floating-point"):
+        P.conv2d(_x.int(), W.int())
+
+
+def test_mixed_devices_are_a_clear_error():
+    if not torch.cuda.is_available():
+        # two "devices" on a CPU-only machine: the meta device stands in for the second one
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            P.conv2d(_x, W.to("meta"))
+        return
+    with pytest.raises(RuntimeError, match="device"):
+        P.conv2d(_x.cuda(), W)
