@@ -6,10 +6,10 @@
 //
 // Statistics are (count, mean, biased variance) per channel, combined with Chan et
 // al.'s pairwise update: each task sums a tile of at most kTile elements per channel
-// in the compute type (two passes over the tile, which is in cache: its mean, then
-// the squared deviations from it) and merges the tile into its running moments in
-// double. So an input with mean 1e4 and std 1 in float32 keeps its variance; the
-// one-pass E[x^2] - E[x]^2 would not. The tasks' partial moments come back as a
+// in the compute type (two passes over the tile, which is in cache: its mean, summed as
+// deviations from a pivot value of the task, then the squared deviations from that mean)
+// and merges the tile into its running moments in double. So an input with mean 1e4 and
+// std 1 in float32 keeps its variance; the one-pass E[x^2] - E[x]^2 would not. The tasks' partial moments come back as a
 // (P, 3, C) tensor and are merged by batch_norm_merge_stats, which also combines the
 // partials of several processes (SyncBatchNorm).
 //
@@ -86,11 +86,14 @@ struct Moments {
 // Row reductions. `omp simd reduction` lets the compiler keep vector partial sums (a
 // fixed order for a given build, so results are reproducible); plain loops, or lane
 // arrays with two accumulators, stayed scalar under GCC (4-10x slower).
+// sum (p[i] - pivot): with a pivot near the data (the task's first value) the summands are
+// O(std), so the float sum keeps the tile mean exact to float precision of the std, not of
+// the mean (x ~ 1e4: a plain float sum of 4096 values would be off by ~0.04).
 template <typename scalar_t, typename opmath_t>
-inline opmath_t row_sum(const scalar_t* __restrict p, int64_t n) {
+inline opmath_t row_sum(const scalar_t* __restrict p, int64_t n, opmath_t pivot) {
   opmath_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<opmath_t>(p[i]);
+  for (int64_t i = 0; i < n; ++i) s += static_cast<opmath_t>(p[i]) - pivot;
   return s;
 }
 
@@ -175,12 +178,15 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
   for_each_task(v, s, [&](int64_t c, int64_t k, int64_t b, int64_t e) {
     if (!v.nlc) {
       Moments m;
+      const opmath_t pivot = b < e && L > 0 ? static_cast<opmath_t>(px[(b * C + c) * L]) : opmath_t(0);
       for (int64_t n = b; n < e; ++n) {
         const scalar_t* row = px + (n * C + c) * L;
         for (int64_t i = 0; i < L; i += kTile) {
           const int64_t len = std::min(kTile, L - i);
-          const opmath_t tm = row_sum<scalar_t, opmath_t>(row + i, len) / static_cast<opmath_t>(len);
-          m.merge(static_cast<double>(len), tm, row_sq_dev<scalar_t, opmath_t>(row + i, len, tm));
+          const double tm = static_cast<double>(pivot) +
+                            static_cast<double>(row_sum<scalar_t, opmath_t>(row + i, len, pivot)) / len;
+          m.merge(static_cast<double>(len), tm,
+                  row_sq_dev<scalar_t, opmath_t>(row + i, len, static_cast<opmath_t>(tm)));
         }
       }
       out[(k * 3 + 0) * C + c] = m.n;
@@ -189,16 +195,23 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
       return;
     }
     std::vector<Moments> m(C);
-    std::vector<opmath_t> acc(C), tm(C);
+    std::vector<opmath_t> acc(C), tm(C), piv(C, opmath_t(0));
+    std::vector<double> tm_d(C);
+    if (b < e)
+      for (int64_t ch = 0; ch < C; ++ch) piv[ch] = static_cast<opmath_t>(px[b * C + ch]);
     const int64_t tile_rows = std::max<int64_t>(kMinTileRows, kTile / std::max<int64_t>(C, 1));
     for (int64_t r = b; r < e; r += tile_rows) {
       const int64_t rows = std::min(tile_rows, e - r);
       const scalar_t* tile = px + r * C;
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       opmath_t* __restrict a = acc.data();
+      const opmath_t* __restrict pv = piv.data();
       for (int64_t i = 0; i < rows; ++i)
-        for (int64_t ch = 0; ch < C; ++ch) a[ch] += static_cast<opmath_t>(tile[i * C + ch]);
-      for (int64_t ch = 0; ch < C; ++ch) tm[ch] = a[ch] / static_cast<opmath_t>(rows);
+        for (int64_t ch = 0; ch < C; ++ch) a[ch] += static_cast<opmath_t>(tile[i * C + ch]) - pv[ch];
+      for (int64_t ch = 0; ch < C; ++ch) {
+        tm_d[ch] = static_cast<double>(pv[ch]) + static_cast<double>(a[ch]) / rows;
+        tm[ch] = static_cast<opmath_t>(tm_d[ch]);
+      }
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       const opmath_t* __restrict t = tm.data();
       for (int64_t i = 0; i < rows; ++i)
@@ -206,7 +219,7 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
           const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
           a[ch] += d * d;
         }
-      for (int64_t ch = 0; ch < C; ++ch) m[ch].merge(static_cast<double>(rows), t[ch], a[ch]);
+      for (int64_t ch = 0; ch < C; ++ch) m[ch].merge(static_cast<double>(rows), tm_d[ch], a[ch]);
     }
     for (int64_t ch = 0; ch < C; ++ch) {
       out[(k * 3 + 0) * C + ch] = m[ch].n;

@@ -24,8 +24,8 @@ LIBASAN=$(gcc -print-file-name=libasan.so)
 LIBUBSAN=$(gcc -print-file-name=libubsan.so)
 export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-export PYOPS_BACKEND=cpp PYTHONPATH="$PWD/$OUT/pkg"
+export PYTHONPATH="$PWD/$OUT/pkg"
 # The C++ backend's cases (the Triton interpreter adds nothing here and is slow under ASan).
-LD_PRELOAD="$LIBASAN $LIBUBSAN" "$VPY" -c 'import pyops, sys; print("sanitized pyops._C from", pyops._C.__file__); sys.exit(0 if "build-sanitize" in pyops._C.__file__ else 1)'
-LD_PRELOAD="$LIBASAN $LIBUBSAN" exec "$VPY" -m pytest tests -q -p no:cacheprovider \
+LD_PRELOAD="$LIBASAN $LIBUBSAN" "$VPY" -P -c 'import sys; from pyops import _C; print("sanitized pyops._C from", _C.__file__); sys.exit(0 if "build-sanitize" in _C.__file__ else 1)'
+LD_PRELOAD="$LIBASAN $LIBUBSAN" exec "$VPY" -P -m pytest tests -q -p no:cacheprovider \
     -k "not triton and not aot and not two_processes and not ddp and not compile" "$@"
