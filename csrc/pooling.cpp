@@ -179,8 +179,7 @@ void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& i
           const scalar_t* pg = go + (n * OH * OW + o) * C + c0;
           for (int64_t c = 0; c < cb; ++c) {
             const int64_t i = pi[c];
-            TORCH_CHECK(i >= 0 && i < H * W, "max_pool2d_backward: index ", i, " out of range");
-            acc[i * cb + c] += static_cast<acc_t>(pg[c]);
+            if (i >= 0 && i < H * W) acc[i * cb + c] += static_cast<acc_t>(pg[c]);  // see below
           }
         }
         for (int64_t p = 0; p < H * W; ++p) store_scaled(acc.data() + p * cb, gi + (n * H * W + p) * C + c0, cb, acc_t(1));
@@ -272,17 +271,18 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
         scalar_t* plane = gi + n * si.n + c * si.c;
         acc_t* acc = direct ? reinterpret_cast<acc_t*>(plane) : buffer.data();
         std::fill(acc, acc + H * W, acc_t(0));
-        bool in_range = true;
+        // A window that lies wholly in the padding (possible with dilation) outputs -inf and,
+        // as in torch, an index one past its last in-bounds start, which may fall outside the
+        // plane: such an output depends on no input, so its gradient goes nowhere (torch's CPU
+        // kernel writes it out of bounds).
         for (int64_t oh = 0; oh < OH; ++oh) {
           const int64_t* pi = idx + n * sx.n + c * sx.c + oh * sx.h;
           const scalar_t* pg = go + n * sg.n + c * sg.c + oh * sg.h;
           for (int64_t ow = 0; ow < OW; ++ow) {
             const int64_t i = pi[ow * sx.w];
-            in_range &= i >= 0 && i < H * W;
-            acc[in_range ? i : 0] += static_cast<acc_t>(pg[ow * sg.w]);
+            if (i >= 0 && i < H * W) acc[i] += static_cast<acc_t>(pg[ow * sg.w]);
           }
         }
-        TORCH_CHECK(in_range, "max_pool2d_backward: an index is out of range for a ", H, "x", W, " plane");
         if (!direct)
           for (int64_t h = 0; h < H; ++h)
             for (int64_t w = 0; w < W; ++w) plane[h * si.h + w * si.w] = static_cast<scalar_t>(acc[h * W + w]);

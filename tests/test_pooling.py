@@ -138,6 +138,22 @@ def test_max_pool2d_nan_inf_ties_like_torch(backend_device, special):
     assert torch.equal(idx.cpu(), ref_idx)
 
 
+def test_max_pool2d_window_wholly_in_padding(backend_device):
+    """Found by tests/fuzz: with dilation a window can hold no input element at all.
+
+    Its output is -inf with torch's index (which lies outside the window, here outside the
+    1x1 plane); it depends on no input, so no gradient flows from it. torch's CPU backward
+    writes that gradient out of bounds instead; the C++ backend used to raise.
+    """
+    x = torch.tensor([[[0.5]]], device=backend_device, requires_grad=True)
+    kw = {"kernel_size": (1, 2), "padding": (0, 1), "dilation": (1, 2)}
+    out, idx = pyops.functional.max_pool2d(x, return_indices=True, **kw)
+    ref, ref_idx = torch.nn.functional.max_pool2d(x.detach().cpu(), return_indices=True, **kw)
+    assert torch.equal(out.detach().cpu(), ref) and torch.equal(idx.cpu(), ref_idx)
+    out.backward(torch.ones_like(out))
+    assert x.grad.abs().sum() == 0
+
+
 def test_indices_work_with_max_unpool(backend_device):
     x = torch.randn(2, 3, 8, 8, device=backend_device)
     out, idx = pyops.functional.max_pool2d(x, 2, return_indices=True)

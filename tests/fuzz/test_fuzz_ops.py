@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import pyops
@@ -168,6 +168,9 @@ def test_fuzz_max_pool2d(backend, device):
         kw = {"kernel_size": c["k"], "stride": c["stride"], "padding": c["pad"], "dilation": c["dilation"],
               "ceil_mode": c["ceil"]}
         x = _layout(_distinct(c["shape"]), c["layout"]).requires_grad_()  # no ties: unambiguous gradients
+        # A window wholly in the padding (dilation) gives -inf and an index outside the window,
+        # where torch sends its gradient (even out of bounds): compared in test_pooling, not here.
+        assume(not torch.isinf(F.max_pool2d(x.detach(), **kw)).any())
         with pyops.backend(backend):
             _check(lambda t: pyops.functional.max_pool2d(t, **kw), lambda t: F.max_pool2d(t, **kw), [x],
                    c["dtype"], device)
