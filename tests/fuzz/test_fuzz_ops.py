@@ -14,8 +14,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="the fuzz suite needs hypothesis (installed by scripts/setup_env.sh)")
+from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import pyops
 from conftest import BACKEND_CASES
