@@ -22,6 +22,9 @@ CONV_CASES = [
     ((3, 7, 6), (5, 3, 2, 3), dict(stride=(1, 3), padding=(2, 1))),   # unbatched
     ((2, 2, 5, 5), (3, 2, 5, 5), dict()),                              # kernel = input
     ((2, 3, 11, 10), (4, 3, 3, 3), dict(stride=3, padding=2, dilation=2)),
+    # >= 64 output pixels with N > 1: the C++ per-image GEMM path (smaller planes batch all images)
+    ((2, 4, 12, 11), (6, 2, 3, 3), dict(padding=1, groups=2)),
+    ((2, 3, 12, 10), (4, 3, 2, 3), dict(dilation=(2, 1))),
 ]
 
 # (input shape, weight shape, kwargs) of conv_transpose2d
@@ -33,6 +36,7 @@ TRANSPOSE_CASES = [
     ((3, 4, 4), (3, 5, 3, 3), dict(padding=1)),                        # unbatched
     ((2, 4, 5, 5), (4, 1, 3, 3), dict(groups=4, stride=2)),            # depthwise
     ((1, 2, 3, 4), (2, 3, 1, 1), dict(stride=2, output_padding=1)),
+    ((2, 4, 9, 8), (4, 3, 3, 3), dict(stride=2)),                     # >= 64 input pixels, N > 1
 ]
 
 
