@@ -208,6 +208,8 @@ bool batched_nchw(const Geom& g, bool cl) {
   return !cl && g.N > 1 && g.OH * g.OW < kBatchedPixels;
 }
 
+// (GEMMs here are mm_out: the functional at::mm would follow an enclosing torch.autocast
+// and return bfloat16, while these kernels compute in the dtype they were given.)
 // im2col of group grp of every image of NCHW-contiguous x: (Cg*R*S, N*OH*OW).
 template <typename T>
 at::Tensor im2col_all(const at::Tensor& x, const Geom& g, int64_t grp) {
@@ -261,7 +263,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_batched", [&] {
       for (int64_t grp = 0; grp < g.G; ++grp) {
-        const at::Tensor out = at::mm(wm.narrow(0, grp * Kg, Kg), im2col_all<scalar_t>(x, g, grp));
+        at::Tensor out = at::empty({Kg, g.N * OHW}, x.options());
+        at::mm_out(out, wm.narrow(0, grp * Kg, Kg), im2col_all<scalar_t>(x, g, grp));
         y.narrow(1, grp * Kg, Kg).copy_(out.view({Kg, g.N, g.OH, g.OW}).permute({1, 0, 2, 3}));
       }
     });
@@ -327,9 +330,10 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_batched", [&] {
       for (int64_t grp = 0; grp < g.G; ++grp) {
+        at::Tensor prod = at::empty({Cg * RS, g.N * OHW}, dy.options());
+        at::mm_out(prod, wm.narrow(0, grp * Kg, Kg).t(), grad_all(dy, g, grp));
         // (N, Cg*RS, OHW): each image's columns contiguous for its col2im
-        const at::Tensor dcol = at::mm(wm.narrow(0, grp * Kg, Kg).t(), grad_all(dy, g, grp))
-                                    .view({Cg * RS, g.N, OHW}).permute({1, 0, 2}).contiguous();
+        const at::Tensor dcol = prod.view({Cg * RS, g.N, OHW}).permute({1, 0, 2}).contiguous();
         const scalar_t* pc = dcol.data_ptr<scalar_t>();
         scalar_t* pdx = dx.data_ptr<scalar_t>();
         at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
@@ -389,9 +393,10 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   const int64_t slots = slots_for(g.N);
   if (batched_nchw(g, cl)) {
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_weight_grad_batched", [&] {
-      for (int64_t grp = 0; grp < g.G; ++grp)
-        dw.view({g.K, Cg * RS}).narrow(0, grp * Kg, Kg).copy_(
-            at::mm(grad_all(dy, g, grp), im2col_all<scalar_t>(x, g, grp).t()));
+      for (int64_t grp = 0; grp < g.G; ++grp) {
+        at::Tensor out = dw.view({g.K, Cg * RS}).narrow(0, grp * Kg, Kg);  // contiguous rows
+        at::mm_out(out, grad_all(dy, g, grp), im2col_all<scalar_t>(x, g, grp).t());
+      }
     });
     return;
   }
