@@ -1,5 +1,5 @@
 # Thin aliases for the scripts (the scripts are what the README documents).
-.PHONY: setup test bench gpu-check aot
+.PHONY: setup test bench gpu-check aot sanitize
 
 setup:
 	scripts/setup_env.sh
@@ -15,3 +15,6 @@ gpu-check:
 
 aot:
 	.venv/bin/python -P -m pyops._aot
+
+sanitize:
+	scripts/sanitize.sh
