@@ -19,6 +19,11 @@ def elementwise_config(configs, n: int):
     return configs[-1]
 
 
+def device_guard(device: torch.device):
+    """Make ``device`` current for a Triton launch on a CUDA tensor (a no-op context elsewhere)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def launch_elementwise(kernel, configs, n: int, device: torch.device, *args, **constexprs) -> None:
     """Launch ``kernel[grid](*args, BLOCK=...)`` with one program per BLOCK of ``n`` flat elements (none when n == 0)."""
     if n == 0:
@@ -26,8 +31,7 @@ def launch_elementwise(kernel, configs, n: int, device: torch.device, *args, **c
     cfg = elementwise_config(configs, n)
     block = cfg.kwargs["BLOCK"]
     grid = ((n + block - 1) // block,)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    with device_guard(device):
         kernel[grid](*args, **constexprs, BLOCK=block, num_warps=cfg.num_warps)
 
 

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
 from .._library import op
 from .._tensor import suggests_channels_last
-from ._launch import cdiv, launch_elementwise, needs_int64, sm_count
+from ._launch import cdiv, device_guard, launch_elementwise, needs_int64, sm_count
 
 
 def is_nlc(x: Tensor) -> bool:
@@ -85,12 +85,6 @@ def _reduce_config(x3: Tensor):
     return cfg, max(1, cdiv(rows, per)), per
 
 
-def _device_guard(t: Tensor):
-    import contextlib
-
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _merge(partials: Tensor, out: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
            momentum: float) -> None:
     if select(partials, out, running_mean, running_var) == "cpp":
@@ -101,7 +95,7 @@ def _merge(partials: Tensor, out: Tensor, running_mean: Tensor | None, running_v
     has_running = running_mean is not None
     if has_running != (running_var is not None):
         raise RuntimeError("pyops: running_mean and running_var must both be given or both be None")
-    with _device_guard(out):
+    with device_guard(out.device):
         k.merge_stats_kernel[(cdiv(C, k.MERGE_BLOCK_C),)](
             partials.contiguous(), out, running_mean if has_running else out, running_var if has_running else out,
             partials.shape[0], C, float(momentum), HAS_RUNNING=has_running, BLOCK_C=k.MERGE_BLOCK_C)
@@ -130,7 +124,7 @@ def batch_norm_stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor
         cfg, splits, per = _reduce_config(x)
         partials = torch.zeros((splits, 3, C), dtype=out.dtype, device=x.device)
         if x.numel() > 0:
-            with _device_guard(x):
+            with device_guard(x.device):
                 k.partial_stats_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
                     x, partials, N * L, C, L, per, CHANNELS_LAST=_nlc3(x), IDX64=needs_int64(x), **cfg.kwargs,
                     num_warps=cfg.num_warps)
@@ -201,7 +195,7 @@ def batch_norm_backward_reduce(grad_output: Tensor, x: Tensor, mean: Tensor, var
     out = torch.empty((4, C), dtype=stats_dtype(x.dtype), device=x.device)
     cfg, splits, per = _reduce_config(x)
     partials = torch.zeros((splits, 2, C), dtype=out.dtype, device=x.device)
-    with _device_guard(x):
+    with device_guard(x.device):
         if x.numel() > 0:
             k.grad_sums_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
                 grad_output, x, mean, partials, N * L, C, L, per, CHANNELS_LAST=_nlc3(x),
@@ -239,9 +233,11 @@ def _(grad_output, x, mean, var, weight, sums, count, eps, training):
 # ---------------------------------------------------------------- autograd
 
 
-def _param_grads(ctx, red: Tensor | None, weight: Tensor | None, bias: Tensor | None):
-    gw = red[2].to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
-    gb = red[3].to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+def _param_grads(ctx, red: Tensor | None, weight: Tensor | None, bias: Tensor | None, w_arg: int):
+    """(grad_weight, grad_bias) from backward_reduce's rows; weight and bias are the Function's
+    arguments w_arg and w_arg + 1."""
+    gw = red[2].to(weight.dtype) if weight is not None and ctx.needs_input_grad[w_arg] else None
+    gb = red[3].to(bias.dtype) if bias is not None and ctx.needs_input_grad[w_arg + 1] else None
     return gw, gb
 
 
@@ -277,7 +273,7 @@ class BatchNormFunction(torch.autograd.Function):
             sums = red[:2] if training else var
             dx = torch.ops.pyops.batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
                                                            training).view(shape)
-        gw, gb = _param_grads(ctx, red, weight, bias)
+        gw, gb = _param_grads(ctx, red, weight, bias, 3)
         return dx, None, None, gw, gb, None, None, None
 
 
@@ -322,6 +318,5 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.ops.pyops.batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
                                                            True).view(shape)
-        gw = red[2].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        gb = red[3].to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        gw, gb = _param_grads(ctx, red, weight, bias, 1)
         return dx, gw, gb, None, None, None, None, None, None

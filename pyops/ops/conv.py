@@ -25,7 +25,7 @@ from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
 from .._library import op
 from ._launch import cdiv as _cdiv
-from ._launch import needs_int64
+from ._launch import device_guard, needs_int64
 from ._launch import sm_count as _sm_count
 
 
@@ -86,11 +86,6 @@ def _launch_opts(cfg) -> dict:
     return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, UPCAST=triton_interpreted())
 
 
-def _device_guard(device: torch.device):
-    import contextlib
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------- Triton launchers
 
 
@@ -109,7 +104,7 @@ def _forward_triton(x, w, bias, y, stride, padding, dilation, groups):
                                       HAS_BIAS=bias is not None, IDX64=idx64, **_launch_opts(cfg))
 
     key = (tuple(x.shape), tuple(w.shape), x.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         launch(_choose("fwd", key, x.dtype, x.device, M, Kg, groups, 2 * M * K * Cg * R * S, launch))
 
 
@@ -132,7 +127,7 @@ def _input_grad_triton(dy, w, bias, dx, stride, padding, dilation, groups):
                                     *steps, HAS_BIAS=bias is not None, IDX64=idx64, **_launch_opts(cfg))
 
     key = (tuple(dx.shape), tuple(w.shape), dy.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
-    with _device_guard(dx.device):
+    with device_guard(dx.device):
         flops = 2 * N * OH * OW * K * Cg * R * S
         launch(_choose("dgrad", key, dx.dtype, dx.device, M, Cg, groups * SH * SW, flops, launch))
 
@@ -170,7 +165,7 @@ def _weight_grad_triton(dy, x, dw, stride, padding, dilation, groups):
             _sum_splits(ws, dw, split)
 
     key = (tuple(x.shape), tuple(dw.shape), x.stride(), tuple(stride), tuple(padding), tuple(dilation), groups)
-    with _device_guard(dw.device):
+    with device_guard(dw.device):
         launch(_choose("wgrad", key, dw.dtype, dw.device, Kg, R * S * Cg, groups, 2 * P * K * Cg * R * S, launch))
 
 
@@ -193,7 +188,7 @@ def _bias_grad_triton(dy: Tensor, out: Tensor) -> None:
     chunks = _cdiv(N, n_per)
     acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
     partial = torch.empty((chunks, K), dtype=acc_dtype, device=dy.device)
-    with _device_guard(dy.device):
+    with device_guard(dy.device):
         k.channel_sum_kernel[(_cdiv(K, block_c), chunks)](dy, partial, N, K, H * W, n_per, dy.stride(0),
                                                           dy.stride(1), sgp, BLOCK_C=block_c, BLOCK_P=block_p)
         _sum_splits(partial, out, chunks)
