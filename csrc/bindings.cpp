@@ -12,7 +12,9 @@ at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n)
 void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor& indices,
                         at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation);
-void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& grad_input);
+void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& grad_input,
+                         at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation);
 void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::IntArrayRef kernel,
                         at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
                         int64_t divisor_override);

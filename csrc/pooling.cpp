@@ -95,9 +95,12 @@ inline int64_t first_valid(int64_t start, int64_t step) {
 // by-value sizes and __restrict pointers let the compiler vectorise them (a loop bound
 // read through a lambda's captured reference does not).
 
+// arg holds plane positions as int32 (the caller checks H * W fits) so the compare,
+// the value blend and the position blend run in lanes of one width.
 template <typename scalar_t, typename acc_t>
-inline void max_update(const scalar_t* __restrict px, acc_t* __restrict best, int64_t* __restrict arg, int64_t C,
-                       int64_t pos) {
+inline void max_update(const scalar_t* __restrict px, acc_t* __restrict best, int32_t* __restrict arg, int64_t C,
+                       int32_t pos) {
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const acc_t v = static_cast<acc_t>(px[c]);
     const bool take = (v > best[c]) | (v != v);
@@ -112,8 +115,71 @@ inline void add_to(const scalar_t* __restrict px, acc_t* __restrict acc, int64_t
 }
 
 template <typename scalar_t, typename acc_t>
+inline acc_t row_sum(const scalar_t* __restrict px, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(px[i]);
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void gather(const acc_t* __restrict src, const int32_t* __restrict index, scalar_t* __restrict dst,
+                   int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[index[i]]);
+}
+
+inline void widen(const int32_t* __restrict src, int64_t* __restrict dst, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = src[c];
+}
+
+template <typename scalar_t, typename acc_t>
 inline void store_scaled(const acc_t* __restrict src, scalar_t* __restrict dst, int64_t C, acc_t scale) {
   for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(src[c] * scale);
+}
+
+// One window of channels_last pooling over a block of kBlock channels whose
+// accumulators live in vector registers (a compile-time block size lets the compiler
+// keep acc[] there instead of in memory between the window's pixels).
+constexpr int64_t kBlock = 32;
+
+template <typename scalar_t, typename acc_t>
+inline void window_sum_block(const scalar_t* __restrict px, int64_t row_step, int64_t col_step, int64_t rows,
+                             int64_t cols, acc_t scale, scalar_t* __restrict dst) {
+  acc_t acc[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < cols; ++q) {
+      const scalar_t* __restrict p = px + r * row_step + q * col_step;
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] += static_cast<acc_t>(p[j]);
+    }
+  for (int64_t j = 0; j < kBlock; ++j) dst[j] = static_cast<scalar_t>(acc[j] * scale);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void window_max_block(const scalar_t* __restrict px, int64_t row_step, int64_t col_step, int64_t rows,
+                             int64_t cols, int32_t first, int32_t row_pos_step, int32_t col_pos_step,
+                             scalar_t* __restrict dst, int64_t* __restrict idx) {
+  acc_t best[kBlock];
+  int32_t arg[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) {
+    best[j] = -std::numeric_limits<acc_t>::infinity();
+    arg[j] = first;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < cols; ++q) {
+      const scalar_t* __restrict p = px + r * row_step + q * col_step;
+      const int32_t pos = first + static_cast<int32_t>(r) * row_pos_step + static_cast<int32_t>(q) * col_pos_step;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const acc_t v = static_cast<acc_t>(p[j]);
+        const bool take = (v > best[j]) | (v != v);
+        best[j] = take ? v : best[j];
+        arg[j] = take ? pos : arg[j];
+      }
+    }
+  for (int64_t j = 0; j < kBlock; ++j) {
+    dst[j] = static_cast<scalar_t>(best[j]);
+    idx[j] = arg[j];
+  }
 }
 
 void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, const at::Tensor& indices,
@@ -126,7 +192,7 @@ void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
     const int64_t C = g.C;
     at::parallel_for(0, g.N * g.OH, grain_for(g.OW * C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> best(C);
-      std::vector<int64_t> arg(C);
+      std::vector<int32_t> arg(C);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
         const int64_t hs = oh * g.sH - g.pH;
@@ -134,55 +200,127 @@ void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
         for (int64_t ow = 0; ow < g.OW; ++ow) {
           const int64_t ws = ow * g.sW - g.pW;
           const int64_t w0 = first_valid(ws, g.dW), w1 = std::min(ws + (g.kW - 1) * g.dW + 1, g.W);
-          acc_t* __restrict b = best.data();
-          int64_t* __restrict a = arg.data();
-          const int64_t first = h0 * g.W + w0;
-          for (int64_t c = 0; c < C; ++c) {
-            b[c] = -std::numeric_limits<acc_t>::infinity();
-            a[c] = first;
-          }
-          for (int64_t h = h0; h < h1; h += g.dH) {
-            for (int64_t w = w0; w < w1; w += g.dW) {
-              max_update(in + ((n * g.H + h) * g.W + w) * C, b, a, C, h * g.W + w);
-            }
-          }
           const int64_t o = ((n * g.OH + oh) * g.OW + ow) * C;
-          store_scaled(b, out + o, C, acc_t(1));
-          std::copy(a, a + C, idx + o);
+          const int64_t rows = (h1 - h0 + g.dH - 1) / g.dH, cols = (w1 - w0 + g.dW - 1) / g.dW;
+          const int32_t first = static_cast<int32_t>(h0 * g.W + w0);
+          const scalar_t* corner = in + ((n * g.H + h0) * g.W + w0) * C;
+          int64_t c0 = 0;
+          for (; c0 + kBlock <= C; c0 += kBlock)
+            window_max_block<scalar_t, acc_t>(corner + c0, g.dH * g.W * C, g.dW * C, rows, cols, first,
+                                              static_cast<int32_t>(g.dH * g.W), static_cast<int32_t>(g.dW),
+                                              out + o + c0, idx + o + c0);
+          if (c0 < C) {  // the last channels, fewer than a block
+            const int64_t cb = C - c0;
+            acc_t* __restrict b = best.data();
+            int32_t* __restrict a = arg.data();
+            for (int64_t c = 0; c < cb; ++c) {
+              b[c] = -std::numeric_limits<acc_t>::infinity();
+              a[c] = first;
+            }
+            for (int64_t h = h0; h < h1; h += g.dH)
+              for (int64_t w = w0; w < w1; w += g.dW)
+                max_update(in + ((n * g.H + h) * g.W + w) * C + c0, b, a, cb, static_cast<int32_t>(h * g.W + w));
+            store_scaled(b, out + o + c0, cb, acc_t(1));
+            widen(a, idx + o + c0, cb);
+          }
         }
       }
     });
   });
 }
 
-// Backward tasks are (n, channel block) pairs: each owns its slice of grad_input, so
-// the scatter needs no atomics and runs in a fixed order (deterministic).
-constexpr int64_t kChannelBlock = 64;
+// The output windows [lo, hi] along one dimension whose span
+// [o * stride - pad, o * stride - pad + (kernel - 1) * dilation] contains input
+// position i (empty when lo > hi).
+struct Covering {
+  int64_t lo, hi;
+};
 
+inline Covering covering(int64_t i, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation, int64_t out) {
+  const int64_t top = i + pad;                            // o * stride <= top
+  const int64_t bottom = top - (kernel - 1) * dilation;   // o * stride >= bottom
+  return {bottom <= 0 ? 0 : (bottom + stride - 1) / stride, std::min(out - 1, top / stride)};
+}
+
+template <typename scalar_t, typename acc_t>
+inline void add_if_argmax(const scalar_t* __restrict pg, const int64_t* __restrict pi, acc_t* __restrict acc,
+                          int64_t C, int64_t pos) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) acc[c] += pi[c] == pos ? static_cast<acc_t>(pg[c]) : acc_t(0);
+}
+
+// grad_input of one pixel over kBlock channels (accumulators in registers): the sum of
+// the gradients of the covering windows whose argmax it is.
+template <typename scalar_t, typename acc_t>
+inline void gather_argmax_block(const scalar_t* __restrict pg, const int64_t* __restrict pi, int64_t row_step,
+                                int64_t col_step, int64_t rows, int64_t cols, int64_t pos, scalar_t* __restrict dst) {
+  acc_t acc[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < cols; ++q) {
+      const int64_t o = r * row_step + q * col_step;
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] += pi[o + j] == pos ? static_cast<acc_t>(pg[o + j]) : acc_t(0);
+    }
+  for (int64_t j = 0; j < kBlock; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
+}
+
+// grad_input of one pixel over kBlock channels: the sum of grad * factor of the
+// covering windows (factor per window from the table).
+template <typename scalar_t, typename acc_t>
+inline void gather_avg_block(const scalar_t* __restrict pg, const acc_t* __restrict factors, int64_t row_step,
+                             int64_t col_step, int64_t factor_row_step, int64_t rows, int64_t cols,
+                             scalar_t* __restrict dst) {
+  acc_t acc[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = 0; q < cols; ++q) {
+      const scalar_t* __restrict p = pg + r * row_step + q * col_step;
+      const acc_t f = factors[r * factor_row_step + q];
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] += static_cast<acc_t>(p[j]) * f;
+    }
+  for (int64_t j = 0; j < kBlock; ++j) dst[j] = static_cast<scalar_t>(acc[j]);
+}
+
+// Channels_last backward as a gather: each input pixel sums, over the windows that
+// cover it, the gradients of the channels whose max it is. Every grad_input element is
+// written once, with no zeroing pass, in a fixed order (deterministic), vectorised over
+// channels. An index outside the plane (a window wholly in the padding, see the NCHW
+// kernel) equals no position, so its gradient goes nowhere.
 void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& indices,
-                              const at::Tensor& grad_input) {
-  const int64_t N = grad_input.size(0), C = grad_input.size(1), H = grad_input.size(2), W = grad_input.size(3);
-  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+                              const at::Tensor& grad_input, const Geometry& g) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_max_pool2d_backward_nhwc", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N * blocks, grain_for(H * W * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc;
+    const int64_t C = g.C;
+    const int64_t reads = std::max<int64_t>(1, (g.kH * g.kW) / (g.sH * g.sW));
+    at::parallel_for(0, g.N * g.H, grain_for(g.W * C * reads), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(C);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
-        acc.assign(H * W * cb, acc_t(0));
-        for (int64_t o = 0; o < OH * OW; ++o) {
-          const int64_t* pi = idx + (n * OH * OW + o) * C + c0;
-          const scalar_t* pg = go + (n * OH * OW + o) * C + c0;
-          for (int64_t c = 0; c < cb; ++c) {
-            const int64_t i = pi[c];
-            if (i >= 0 && i < H * W) acc[i * cb + c] += static_cast<acc_t>(pg[c]);  // see below
+        const int64_t n = t / g.H, h = t % g.H;
+        const Covering rows = covering(h, g.kH, g.sH, g.pH, g.dH, g.OH);
+        for (int64_t w = 0; w < g.W; ++w) {
+          const Covering cols = covering(w, g.kW, g.sW, g.pW, g.dW, g.OW);
+          const int64_t pos = h * g.W + w;
+          const int64_t first = ((n * g.OH + rows.lo) * g.OW + cols.lo) * C;
+          const int64_t nrows = rows.hi - rows.lo + 1, ncols = cols.hi - cols.lo + 1;
+          scalar_t* dst = gi + ((n * g.H + h) * g.W + w) * C;
+          int64_t c0 = 0;
+          for (; c0 + kBlock <= C; c0 += kBlock)
+            gather_argmax_block<scalar_t, acc_t>(go + first + c0, idx + first + c0, g.OW * C, C, nrows, ncols, pos,
+                                                 dst + c0);
+          if (c0 < C) {  // the last channels, fewer than a block
+            acc_t* __restrict a = acc.data();
+            std::fill(a, a + (C - c0), acc_t(0));
+            for (int64_t oh = rows.lo; oh <= rows.hi; ++oh)
+              for (int64_t ow = cols.lo; ow <= cols.hi; ++ow) {
+                const int64_t o = ((n * g.OH + oh) * g.OW + ow) * C + c0;
+                add_if_argmax(go + o, idx + o, a, C - c0, pos);
+              }
+            store_scaled(a, dst + c0, C - c0, acc_t(1));
           }
         }
-        for (int64_t p = 0; p < H * W; ++p) store_scaled(acc.data() + p * cb, gi + (n * H * W + p) * C + c0, cb, acc_t(1));
       }
     });
   });
@@ -199,7 +337,8 @@ void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const
   TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
   TORCH_CHECK(output.sizes() == indices.sizes(), "output and indices must have the same shape");
   const Geometry g = geometry(input, output, kernel, stride, padding, dilation);
-  if (nhwc_dense(input) && nhwc_dense(output) && nhwc_dense(indices)) {
+  if (nhwc_dense(input) && nhwc_dense(output) && nhwc_dense(indices) &&
+      g.H * g.W <= std::numeric_limits<int32_t>::max()) {
     max_pool2d_forward_nhwc(input, output, indices, g);
     return;
   }
@@ -244,16 +383,18 @@ void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const
   });
 }
 
-void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& grad_input) {
+void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& grad_input,
+                         at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation) {
   check_pool_tensor(grad_output, "grad_output");
   check_pool_tensor(indices, "indices");
   check_pool_tensor(grad_input, "grad_input");
   TORCH_CHECK(indices.scalar_type() == at::kLong, "indices must be int64");
   TORCH_CHECK(grad_output.sizes() == indices.sizes(), "grad_output and indices must have the same shape");
-  const int64_t N = grad_input.size(0), C = grad_input.size(1), H = grad_input.size(2), W = grad_input.size(3);
-  const int64_t OH = grad_output.size(2), OW = grad_output.size(3);
+  const Geometry g = geometry(grad_input, grad_output, kernel, stride, padding, dilation);
+  const int64_t N = g.N, C = g.C, H = g.H, W = g.W, OH = g.OH, OW = g.OW;
   if (nhwc_dense(grad_output) && nhwc_dense(indices) && nhwc_dense(grad_input)) {
-    max_pool2d_backward_nhwc(grad_output, indices, grad_input);
+    max_pool2d_backward_nhwc(grad_output, indices, grad_input, g);
     return;
   }
   const Strides4 sg(grad_output), sx(indices), si(grad_input);
@@ -293,33 +434,44 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
 
 namespace {
 
-// The average-pool window of output (oh, ow): the input rows [h0, h1) and columns
-// [w0, w1) it sums, and the factor 1 / divisor with torch's divisor rule (0 for an
-// empty window, which torch outputs as 0 rather than 0/0).
-struct AvgWindow {
-  int64_t h0, h1, w0, w1;
-  double scale;
-};
-
-inline AvgWindow avg_window(int64_t oh, int64_t ow, const Geometry& g, bool count_include_pad,
-                            int64_t divisor_override) {
-  const int64_t hs = oh * g.sH - g.pH, ws = ow * g.sW - g.pW;
-  const int64_t he = std::min(hs + g.kH, g.H + g.pH), we = std::min(ws + g.kW, g.W + g.pW);
-  AvgWindow win{std::max<int64_t>(hs, 0), std::min(he, g.H), std::max<int64_t>(ws, 0), std::min(we, g.W), 0.0};
-  if (win.h0 >= win.h1 || win.w0 >= win.w1) return win;
-  const int64_t div = divisor_override != 0 ? divisor_override  // 0 stands for none
-                      : count_include_pad   ? (he - hs) * (we - ws)
-                                            : (win.h1 - win.h0) * (win.w1 - win.w0);
-  win.scale = 1.0 / static_cast<double>(div);
-  return win;
+// Average pooling sums the input rows [h0, h1) and columns [w0, w1) of output (oh, ow)'s
+// window clipped to the input, and multiplies by 1 / divisor with torch's divisor rule.
+// The factors depend only on (oh, ow), so they are computed once per call into a table
+// that every plane shares (no division in the kernels); an empty window gets 0, which
+// torch outputs as 0 rather than 0/0.
+inline int64_t window_begin(int64_t o, int64_t stride, int64_t pad) { return std::max<int64_t>(o * stride - pad, 0); }
+inline int64_t window_end(int64_t o, int64_t kernel, int64_t stride, int64_t pad, int64_t size) {
+  return std::min(o * stride - pad + kernel, size);
 }
 
+template <typename acc_t>
+std::vector<acc_t> avg_scales(const Geometry& g, bool count_include_pad, int64_t divisor_override) {
+  std::vector<acc_t> scales(g.OH * g.OW);
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    const int64_t hs = oh * g.sH - g.pH, he = std::min(hs + g.kH, g.H + g.pH);
+    const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(he, g.H);
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t ws = ow * g.sW - g.pW, we = std::min(ws + g.kW, g.W + g.pW);
+      const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(we, g.W);
+      double scale = 0.0;
+      if (h0 < h1 && w0 < w1) {
+        const int64_t div = divisor_override != 0 ? divisor_override  // 0 stands for none
+                            : count_include_pad   ? (he - hs) * (we - ws)
+                                                  : (h1 - h0) * (w1 - w0);
+        scale = 1.0 / static_cast<double>(div);
+      }
+      scales[oh * g.OW + ow] = static_cast<acc_t>(scale);
+    }
+  }
+  return scales;
+}
 
-// Channels_last average pooling, laid out as the max-pool kernels above.
+// Channels_last average pooling: one (n, oh) output row per task, channels innermost.
 void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, const Geometry& g,
                              bool count_include_pad, int64_t divisor_override) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_avg_pool2d_nhwc", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scales = avg_scales<acc_t>(g, count_include_pad, divisor_override);
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     const int64_t C = g.C;
@@ -327,43 +479,63 @@ void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
       std::vector<acc_t> sum(C);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / g.OH, oh = t % g.OH;
+        const int64_t h0 = window_begin(oh, g.sH, g.pH), h1 = window_end(oh, g.kH, g.sH, g.pH, g.H);
         for (int64_t ow = 0; ow < g.OW; ++ow) {
-          const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
-          acc_t* __restrict s = sum.data();
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-          for (int64_t h = win.h0; h < win.h1; ++h)
-            for (int64_t w = win.w0; w < win.w1; ++w) add_to(in + ((n * g.H + h) * g.W + w) * C, s, C, acc_t(1));
-          const acc_t scale = static_cast<acc_t>(win.scale);
-          store_scaled(s, out + ((n * g.OH + oh) * g.OW + ow) * C, C, scale);
+          const int64_t w0 = window_begin(ow, g.sW, g.pW), w1 = window_end(ow, g.kW, g.sW, g.pW, g.W);
+          const acc_t scale = scales[oh * g.OW + ow];
+          const scalar_t* corner = in + ((n * g.H + h0) * g.W + w0) * C;
+          scalar_t* dst = out + ((n * g.OH + oh) * g.OW + ow) * C;
+          const int64_t rows = std::max<int64_t>(h1 - h0, 0), cols = std::max<int64_t>(w1 - w0, 0);
+          int64_t c0 = 0;
+          for (; c0 + kBlock <= C; c0 += kBlock)
+            window_sum_block<scalar_t, acc_t>(corner + c0, g.W * C, C, rows, cols, scale, dst + c0);
+          if (c0 < C) {  // the last channels, fewer than a block
+            acc_t* __restrict s = sum.data();
+            std::fill(s, s + (C - c0), acc_t(0));
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w = w0; w < w1; ++w) add_to(in + ((n * g.H + h) * g.W + w) * C + c0, s, C - c0, acc_t(1));
+            store_scaled(s, dst + c0, C - c0, scale);
+          }
         }
       }
     });
   });
 }
 
+// Channels_last backward as a gather, like max pooling's: each input pixel sums
+// grad * factor over the windows that cover it, written once, vectorised over channels.
 void avg_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& grad_input, const Geometry& g,
                               bool count_include_pad, int64_t divisor_override) {
-  const int64_t C = g.C, blocks = (C + kChannelBlock - 1) / kChannelBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_avg_pool2d_backward_nhwc", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scales = avg_scales<acc_t>(g, count_include_pad, divisor_override);
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * blocks, grain_for(g.H * g.W * std::min(C, kChannelBlock)), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc;
+    const int64_t C = g.C;
+    const int64_t reads = std::max<int64_t>(1, (g.kH * g.kW) / (g.sH * g.sW));
+    at::parallel_for(0, g.N * g.H, grain_for(g.W * C * reads), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(C);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / blocks, c0 = (t % blocks) * kChannelBlock, cb = std::min(kChannelBlock, C - c0);
-        acc.assign(g.H * g.W * cb, acc_t(0));
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
-            const acc_t scale = static_cast<acc_t>(win.scale);
-            const scalar_t* pg = go + ((n * g.OH + oh) * g.OW + ow) * C + c0;
-            for (int64_t h = win.h0; h < win.h1; ++h)
-              for (int64_t w = win.w0; w < win.w1; ++w) add_to(pg, acc.data() + (h * g.W + w) * cb, cb, scale);
+        const int64_t n = t / g.H, h = t % g.H;
+        const Covering rows = covering(h, g.kH, g.sH, g.pH, 1, g.OH);
+        for (int64_t w = 0; w < g.W; ++w) {
+          const Covering cols = covering(w, g.kW, g.sW, g.pW, 1, g.OW);
+          const int64_t first = ((n * g.OH + rows.lo) * g.OW + cols.lo) * C;
+          const int64_t nrows = rows.hi - rows.lo + 1, ncols = cols.hi - cols.lo + 1;
+          const acc_t* factors = scales.data() + rows.lo * g.OW + cols.lo;
+          scalar_t* dst = gi + ((n * g.H + h) * g.W + w) * C;
+          int64_t c0 = 0;
+          for (; c0 + kBlock <= C; c0 += kBlock)
+            gather_avg_block<scalar_t, acc_t>(go + first + c0, factors, g.OW * C, C, g.OW, nrows, ncols, dst + c0);
+          if (c0 < C) {  // the last channels, fewer than a block
+            acc_t* __restrict a = acc.data();
+            std::fill(a, a + (C - c0), acc_t(0));
+            for (int64_t oh = rows.lo; oh <= rows.hi; ++oh)
+              for (int64_t ow = cols.lo; ow <= cols.hi; ++ow)
+                add_to(go + ((n * g.OH + oh) * g.OW + ow) * C + c0, a, C - c0, scales[oh * g.OW + ow]);
+            store_scaled(a, dst + c0, C - c0, acc_t(1));
           }
         }
-        for (int64_t p = 0; p < g.H * g.W; ++p)
-          store_scaled(acc.data() + p * cb, gi + (n * g.H * g.W + p) * C + c0, cb, acc_t(1));
       }
     });
   });
@@ -385,27 +557,44 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
   const Strides4 si(input), so(output);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_avg_pool2d", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scales = avg_scales<acc_t>(g, count_include_pad, divisor_override);
+    const acc_t* factors = scales.data();
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     for_each_plane_rows(g, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
-      // Local copies: the int64 stores below could alias the captured structs'
-      // fields, which would force a reload of every loop bound after each store.
+      // Local copies: the stores below could alias the captured structs' fields,
+      // which would force a reload of every loop bound after each store.
       const Geometry G = g;
       const Strides4 SI = si, SO = so;
       const scalar_t* plane = in + n * SI.n + c * SI.c;
       for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const int64_t h0 = window_begin(oh, G.sH, G.pH), h1 = window_end(oh, G.kH, G.sH, G.pH, G.H);
         for (int64_t ow = 0; ow < G.OW; ++ow) {
-          const AvgWindow win = avg_window(oh, ow, G, count_include_pad, divisor_override);
+          const int64_t w0 = window_begin(ow, G.sW, G.pW), w1 = window_end(ow, G.kW, G.sW, G.pW, G.W);
           acc_t sum = 0;
-          for (int64_t h = win.h0; h < win.h1; ++h)
-            for (int64_t w = win.w0; w < win.w1; ++w) sum += static_cast<acc_t>(plane[h * SI.h + w * SI.w]);
-          out[n * SO.n + c * SO.c + oh * SO.h + ow * SO.w] = static_cast<scalar_t>(sum * static_cast<acc_t>(win.scale));
+          if (SI.w == 1 && SI.h == G.W && w0 == 0 && w1 == G.W) {  // whole rows, one run (a global pool)
+            sum = row_sum<scalar_t, acc_t>(plane + h0 * G.W, (h1 - h0) * G.W);
+          } else if (SI.w == 1 && w1 - w0 >= 8) {  // long unit-stride rows: vectorised sums
+            for (int64_t h = h0; h < h1; ++h) sum += row_sum<scalar_t, acc_t>(plane + h * SI.h + w0, w1 - w0);
+          } else {
+            for (int64_t h = h0; h < h1; ++h)
+              for (int64_t w = w0; w < w1; ++w) sum += static_cast<acc_t>(plane[h * SI.h + w * SI.w]);
+          }
+          out[n * SO.n + c * SO.c + oh * SO.h + ow * SO.w] = static_cast<scalar_t>(sum * factors[oh * G.OW + ow]);
         }
       }
     });
   });
 }
 
+// NCHW backward, in a fixed order with each grad_input element written once.
+//  - Windows that do not overlap (kernel <= stride, e.g. 2x2/2 or a global pool): every
+//    input element lies in at most one window, found through a position -> window table
+//    shared by all planes, so each plane is one flat gather of grad * factor (no
+//    per-row loop overhead, which dominates small planes).
+//  - Otherwise two separable steps: u[oh][w] sums grad * factor over the windows of
+//    output row oh that cover column w (a scatter along the row), then grad_input row h
+//    sums u over the output rows that cover h (whole rows, vectorised).
 void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_input, at::IntArrayRef kernel,
                          at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
                          int64_t divisor_override) {
@@ -418,27 +607,68 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
     return;
   }
   const Strides4 sg(grad_output), si(grad_input);
+  const bool disjoint = g.kH <= g.sH && g.kW <= g.sW && g.H * g.W <= (int64_t{1} << 22) &&
+                        g.OH * g.OW < std::numeric_limits<int32_t>::max();
+  std::vector<int32_t> window_of;  // disjoint windows: the window of each input position, or OH * OW (none)
+  if (disjoint) {
+    window_of.assign(g.H * g.W, static_cast<int32_t>(g.OH * g.OW));
+    for (int64_t oh = 0; oh < g.OH; ++oh)
+      for (int64_t h = window_begin(oh, g.sH, g.pH); h < window_end(oh, g.kH, g.sH, g.pH, g.H); ++h)
+        for (int64_t ow = 0; ow < g.OW; ++ow)
+          for (int64_t w = window_begin(ow, g.sW, g.pW); w < window_end(ow, g.kW, g.sW, g.pW, g.W); ++w)
+            window_of[h * g.W + w] = static_cast<int32_t>(oh * g.OW + ow);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_avg_pool2d_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scales = avg_scales<acc_t>(g, count_include_pad, divisor_override);
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, g.N * g.C, grain_for(g.H * g.W * g.kH * g.kW), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(g.H * g.W);
+    const int64_t reads = std::max<int64_t>(1, g.kH / g.sH);
+    at::parallel_for(0, g.N * g.C, grain_for(g.H * g.W * reads), [&](int64_t begin, int64_t end) {
+      const Geometry G = g;
+      const Strides4 SG = sg, SI = si;
+      const bool dense_plane = SI.w == 1 && SI.h == G.W;
+      std::vector<acc_t> u(disjoint ? G.OH * G.OW + 1 : G.OH * G.W), row(G.W);
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t n = p / g.C, c = p % g.C;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          for (int64_t ow = 0; ow < g.OW; ++ow) {
-            const AvgWindow win = avg_window(oh, ow, g, count_include_pad, divisor_override);
-            const acc_t v = static_cast<acc_t>(go[n * sg.n + c * sg.c + oh * sg.h + ow * sg.w]) *
-                            static_cast<acc_t>(win.scale);
-            for (int64_t h = win.h0; h < win.h1; ++h)
-              for (int64_t w = win.w0; w < win.w1; ++w) acc[h * g.W + w] += v;
+        const int64_t n = p / G.C, c = p % G.C;
+        const scalar_t* gplane = go + n * SG.n + c * SG.c;
+        scalar_t* plane = gi + n * SI.n + c * SI.c;
+        if (disjoint) {
+          acc_t* __restrict scaled = u.data();
+          for (int64_t oh = 0; oh < G.OH; ++oh)
+            for (int64_t ow = 0; ow < G.OW; ++ow)
+              scaled[oh * G.OW + ow] = static_cast<acc_t>(gplane[oh * SG.h + ow * SG.w]) * scales[oh * G.OW + ow];
+          scaled[G.OH * G.OW] = acc_t(0);
+          if (dense_plane) {
+            gather(scaled, window_of.data(), plane, G.H * G.W);
+          } else {
+            for (int64_t h = 0; h < G.H; ++h)
+              for (int64_t w = 0; w < G.W; ++w)
+                plane[h * SI.h + w * SI.w] = static_cast<scalar_t>(scaled[window_of[h * G.W + w]]);
+          }
+          continue;
+        }
+        std::fill(u.begin(), u.end(), acc_t(0));
+        for (int64_t oh = 0; oh < G.OH; ++oh) {
+          acc_t* __restrict ur = u.data() + oh * G.W;
+          for (int64_t ow = 0; ow < G.OW; ++ow) {
+            const acc_t v = static_cast<acc_t>(gplane[oh * SG.h + ow * SG.w]) * scales[oh * G.OW + ow];
+            const int64_t w0 = window_begin(ow, G.sW, G.pW), w1 = window_end(ow, G.kW, G.sW, G.pW, G.W);
+            for (int64_t w = w0; w < w1; ++w) ur[w] += v;
           }
         }
-        scalar_t* plane = gi + n * si.n + c * si.c;
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) plane[h * si.h + w * si.w] = static_cast<scalar_t>(acc[h * g.W + w]);
+        for (int64_t h = 0; h < G.H; ++h) {
+          const Covering rows = covering(h, G.kH, G.sH, G.pH, 1, G.OH);
+          acc_t* __restrict r = row.data();
+          std::fill(r, r + G.W, acc_t(0));
+          for (int64_t oh = rows.lo; oh <= rows.hi; ++oh) add_to(u.data() + oh * G.W, r, G.W, acc_t(1));
+          scalar_t* dst = plane + h * SI.h;
+          if (SI.w == 1) {
+            store_scaled(r, dst, G.W, acc_t(1));
+          } else {
+            for (int64_t w = 0; w < G.W; ++w) dst[w * SI.w] = static_cast<scalar_t>(r[w]);
+          }
+        }
       }
     });
   });

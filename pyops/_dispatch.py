@@ -37,12 +37,23 @@ def backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+def _env_backend(value: str) -> str:
+    return _validate(value.strip().lower() or "auto", "PYOPS_BACKEND")
+
+
+_env_cache: tuple[str | None, str] = (None, "auto")
+
+
 def requested_backend() -> str:
     """The backend asked for now: the innermost ``pyops.backend`` block, else ``PYOPS_BACKEND``."""
+    global _env_cache
     name = _override.get()
     if name is not None:
         return name
-    return _validate(os.environ.get("PYOPS_BACKEND", "auto").strip().lower() or "auto", "PYOPS_BACKEND")
+    value = os.environ.get("PYOPS_BACKEND", "auto")
+    if value != _env_cache[0]:  # parse once per distinct value: this runs on every kernel call
+        _env_cache = (value, _env_backend(value))
+    return _env_cache[1]
 
 
 @functools.cache
@@ -70,38 +81,45 @@ def triton_interpreted() -> bool:
 
 def select(*tensors: torch.Tensor | None) -> str:
     """Return 'triton' or 'cpp' for a kernel over ``tensors``, or raise RuntimeError saying how to fix the call."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1:
-        raise RuntimeError(
-            "pyops: expected all tensors on the same device, but found "
-            f"{', '.join(sorted(str(d) for d in devices)) or 'none'}; move them with .to(device)"
-        )
-    device = devices.pop()
+    device = None
+    for t in tensors:
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                devices = {str(u.device) for u in tensors if u is not None}
+                raise RuntimeError("pyops: expected all tensors on the same device, but found "
+                                   f"{', '.join(sorted(devices))}; move them with .to(device)")
+    if device is None:
+        raise RuntimeError("pyops: expected all tensors on the same device, but found none; "
+                           "move them with .to(device)")
     name = requested_backend()
+    kind = device.type
     if name == "auto":
-        if device.type == "cuda":
+        if kind == "cpu":
+            return "cpp"
+        if kind == "cuda":
             name = "triton"
-        elif device.type == "cpu":
-            name = "cpp"
         else:
-            raise RuntimeError(f"pyops: no backend for {device.type} tensors; use CPU or CUDA tensors")
-    if name == "cpp" and device.type != "cpu":
-        raise RuntimeError(
-            f"pyops: the C++ backend runs CPU tensors only, got a tensor on {device}; "
-            "use PYOPS_BACKEND=auto or triton (or pyops.backend('triton')) for CUDA tensors, "
-            "or move the tensor to the CPU"
-        )
-    if name == "triton":
-        if triton_kernels() is None:
-            raise RuntimeError("pyops: the Triton backend needs the `triton` package; pip install triton")
-        if device.type == "cpu" and not triton_interpreted():
+            raise RuntimeError(f"pyops: no backend for {kind} tensors; use CPU or CUDA tensors")
+    if name == "cpp":
+        if kind != "cpu":
             raise RuntimeError(
-                "pyops: the Triton backend runs CPU tensors only in Triton's interpreter; set "
-                "TRITON_INTERPRET=1 before importing pyops, or use PYOPS_BACKEND=cpp "
-                "(or pyops.backend('cpp')) for CPU tensors"
+                f"pyops: the C++ backend runs CPU tensors only, got a tensor on {device}; "
+                "use PYOPS_BACKEND=auto or triton (or pyops.backend('triton')) for CUDA tensors, "
+                "or move the tensor to the CPU"
             )
-        if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"pyops: the Triton backend has no kernels for {device.type} tensors")
+        return name
+    if triton_kernels() is None:
+        raise RuntimeError("pyops: the Triton backend needs the `triton` package; pip install triton")
+    if kind == "cpu" and not triton_interpreted():
+        raise RuntimeError(
+            "pyops: the Triton backend runs CPU tensors only in Triton's interpreter; set "
+            "TRITON_INTERPRET=1 before importing pyops, or use PYOPS_BACKEND=cpp "
+            "(or pyops.backend('cpp')) for CPU tensors"
+        )
+    if kind not in ("cpu", "cuda"):
+        raise RuntimeError(f"pyops: the Triton backend has no kernels for {kind} tensors")
     return name
 
 

@@ -87,3 +87,43 @@ def test_triton_on_cpu_without_interpreter_names_the_fix():
     out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "RuntimeError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout and "PYOPS_BACKEND=cpp" in out.stdout
+
+
+def _ops_seen_by_a_dispatch_mode(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["avg_pool2d", "max_pool2d", "sigmoid", "batch_norm", "conv2d"])
+def test_eager_shortcut_keeps_operators_visible_to_modes(name):
+    """In plain eager mode the Functions call the implementations directly (no dispatcher
+    round trip); under a dispatch mode the same calls go through torch.ops.pyops, and
+    both give the same result."""
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3)
+    calls = {
+        "avg_pool2d": lambda: pyops.functional.avg_pool2d(x, 2),
+        "max_pool2d": lambda: pyops.functional.max_pool2d(x, 2),
+        "sigmoid": lambda: pyops.functional.sigmoid(x),
+        "batch_norm": lambda: pyops.functional.batch_norm(x, None, None, training=True),
+        "conv2d": lambda: pyops.functional.conv2d(x, w),
+    }
+    eager = calls[name]()
+    eager.backward(torch.ones_like(eager))
+    grad, x.grad = x.grad, None
+    moded = []
+    seen = _ops_seen_by_a_dispatch_mode(lambda: moded.append(calls[name]()))
+    seen += _ops_seen_by_a_dispatch_mode(lambda: moded[0].backward(torch.ones_like(moded[0])))
+    assert any(s.startswith("pyops.") and "forward" in s or s.startswith("pyops.batch_norm_stats") for s in seen), seen
+    assert any(s.startswith("pyops.") and ("backward" in s or "grad" in s) for s in seen), seen
+    assert torch.equal(moded[0], eager) and torch.equal(x.grad, grad)

@@ -23,6 +23,8 @@ MAX_CASES = [
     ((4, 11, 13), (4, 3), (3, 2), (2, 1), (1, 2), True),
     ((2, 3, 4, 4), 4, 4, 0, 1, False),
     ((0, 3, 6, 6), 2, 2, 0, 1, False),
+    ((2, 37, 7, 6), 3, 2, 1, 1, True),  # channels_last kernels: a block of 32 channels and a tail
+    ((1, 64, 5, 5), (2, 3), (1, 2), (1, 1), (2, 1), False),
 ]
 
 # (input shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
@@ -40,6 +42,8 @@ AVG_CASES = [
     ((4, 11, 13), (4, 3), (3, 2), (2, 1), True, True, 5),
     ((2, 4, 7, 7), 7, None, 0, False, True, None),
     ((0, 3, 6, 6), 2, 2, 0, False, True, None),
+    ((2, 37, 7, 6), 3, 2, 1, True, False, None),  # channels_last kernels: a block of 32 channels and a tail
+    ((1, 64, 5, 5), (2, 3), (1, 2), (1, 1), False, True, 7),
 ]
 
 

@@ -250,11 +250,11 @@ class BatchNormFunction(torch.autograd.Function):
         nlc = is_nlc(x)
         x3 = as_ncl(x, nlc)
         if training:
-            stats = torch.ops.pyops.batch_norm_stats(x3, running_mean, running_var, momentum)
+            stats = batch_norm_stats(x3, running_mean, running_var, momentum)
             count, mean, var = stats[0], stats[1], stats[2]
         else:
             count, mean, var = running_var, running_mean, running_var
-        y3 = torch.ops.pyops.batch_norm_apply(x3, mean, var, weight, bias, eps)
+        y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count)
         ctx.meta = (nlc, training, eps, x.shape)
         return y3.view(x.shape)
@@ -267,11 +267,11 @@ class BatchNormFunction(torch.autograd.Function):
         dy3 = as_ncl(grad_output, nlc)
         red = None
         if training or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            red = torch.ops.pyops.batch_norm_backward_reduce(dy3, x3, mean, var, eps)
+            red = batch_norm_backward_reduce(dy3, x3, mean, var, eps)
         dx = None
         if ctx.needs_input_grad[0]:
             sums = red[:2] if training else var
-            dx = torch.ops.pyops.batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
+            dx = batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
                                                            training).view(shape)
         gw, gb = _param_grads(ctx, red, weight, bias, 3)
         return dx, None, None, gw, gb, None, None, None
@@ -293,12 +293,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
         nlc = is_nlc(x)
         x3 = as_ncl(x, nlc)
-        local = torch.ops.pyops.batch_norm_stats(x3, None, None, 0.0)
+        local = batch_norm_stats(x3, None, None, 0.0)
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local, group=process_group)
-        stats = torch.ops.pyops.batch_norm_gather_stats(torch.stack(gathered), running_mean, running_var, momentum)
+        stats = batch_norm_gather_stats(torch.stack(gathered), running_mean, running_var, momentum)
         count, mean, var = stats[0], stats[1], stats[2]
-        y3 = torch.ops.pyops.batch_norm_apply(x3, mean, var, weight, bias, eps)
+        y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count)
         ctx.meta = (nlc, eps, x.shape, process_group)
         return y3.view(x.shape)
@@ -311,12 +311,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x3, weight, bias, mean, var, count = ctx.saved_tensors
         nlc, eps, shape, process_group = ctx.meta
         dy3 = as_ncl(grad_output, nlc)
-        red = torch.ops.pyops.batch_norm_backward_reduce(dy3, x3, mean, var, eps)
+        red = batch_norm_backward_reduce(dy3, x3, mean, var, eps)
         sums = red[:2].contiguous()
         dist.all_reduce(sums, dist.ReduceOp.SUM, group=process_group)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.ops.pyops.batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
+            dx = batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
                                                            True).view(shape)
         gw, gb = _param_grads(ctx, red, weight, bias, 1)
         return dx, gw, gb, None, None, None, None, None, None

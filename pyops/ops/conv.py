@@ -298,7 +298,7 @@ class Conv2dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.conf = (stride, padding, dilation, groups, channels_last)
         ctx.has_bias = bias is not None
-        return torch.ops.pyops.conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last)
+        return conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last)
 
     @staticmethod
     @once_differentiable
@@ -307,12 +307,12 @@ class Conv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups, cl = ctx.conf
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.pyops.conv2d_input_grad(grad, w, None, list(x.shape), stride, padding, dilation, groups,
+            gx = conv2d_input_grad(grad, w, None, list(x.shape), stride, padding, dilation, groups,
                                                    cl)
         if ctx.needs_input_grad[1]:
-            gw = torch.ops.pyops.conv2d_weight_grad(grad, x, list(w.shape), stride, padding, dilation, groups, cl)
+            gw = conv2d_weight_grad(grad, x, list(w.shape), stride, padding, dilation, groups, cl)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = torch.ops.pyops.conv2d_bias_grad(grad, cl)
+            gb = conv2d_bias_grad(grad, cl)
         return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -325,7 +325,7 @@ class ConvTranspose2dFunction(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups, channels_last)
         ctx.has_bias = bias is not None
         out_size = [x.shape[0], w.shape[1] * groups, *out_hw]
-        return torch.ops.pyops.conv2d_input_grad(x, w, bias, out_size, stride, padding, dilation, groups,
+        return conv2d_input_grad(x, w, bias, out_size, stride, padding, dilation, groups,
                                                  channels_last)
 
     @staticmethod
@@ -335,11 +335,11 @@ class ConvTranspose2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups, cl = ctx.conf
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.pyops.conv2d_forward(grad, w, None, stride, padding, dilation, groups, list(x.shape[2:]),
+            gx = conv2d_forward(grad, w, None, stride, padding, dilation, groups, list(x.shape[2:]),
                                                 cl)
         if ctx.needs_input_grad[1]:
             # the transposed conv's output plays conv's input, its input conv's output gradient
-            gw = torch.ops.pyops.conv2d_weight_grad(x, grad, list(w.shape), stride, padding, dilation, groups, cl)
+            gw = conv2d_weight_grad(x, grad, list(w.shape), stride, padding, dilation, groups, cl)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = torch.ops.pyops.conv2d_bias_grad(grad, cl)
+            gb = conv2d_bias_grad(grad, cl)
         return gx, gw, gb, None, None, None, None, None, None

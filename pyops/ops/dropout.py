@@ -88,14 +88,14 @@ class DropoutFunction(torch.autograd.Function):
         ctx.p = p
         ctx.save_for_backward(seed_offset)
         if inplace:
-            torch.ops.pyops.dropout_(x, seed_offset, p)
+            dropout_inplace_op(x, seed_offset, p)
             ctx.mark_dirty(x)
             return x
-        return torch.ops.pyops.dropout(x, seed_offset, p)
+        return dropout_op(x, seed_offset, p)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         (seed_offset,) = ctx.saved_tensors
         grad = with_strides(grad_output, ctx.stride)
-        return torch.ops.pyops.dropout(grad, seed_offset, ctx.p), None, None, None
+        return dropout_op(grad, seed_offset, ctx.p), None, None, None

@@ -79,7 +79,7 @@ def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[i
         return grad_input
     grad_output = _dense_as(grad_output, channels_last)
     if select(grad_output, indices) == "cpp":
-        cpp_extension().max_pool2d_backward(grad_output, indices, grad_input)
+        cpp_extension().max_pool2d_backward(grad_output, indices, grad_input, kernel, stride, padding, dilation)
     else:
         k = triton_kernels().pooling
         _, C, H, W = input_size
@@ -101,8 +101,10 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode):
-        out, indices = torch.ops.pyops.max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
+        out, indices = max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
         ctx.mark_non_differentiable(indices)
+        # No zero-filled gradient for the indices (an int64-sized fill per backward).
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(indices)
         ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, dilation)
         return out, indices
@@ -110,8 +112,10 @@ class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, _grad_indices):
+        if grad_output is None:  # only the indices were used
+            return None, None, None, None, None, None
         (indices,) = ctx.saved_tensors
-        grad = torch.ops.pyops.max_pool2d_backward(grad_output, indices, *ctx.geometry)
+        grad = max_pool2d_backward(grad_output, indices, *ctx.geometry)
         return grad, None, None, None, None, None
 
 
@@ -180,11 +184,11 @@ class AvgPool2dFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
         ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, count_include_pad,
                         divisor_override)
-        return torch.ops.pyops.avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
+        return avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
                                                   divisor_override)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad = torch.ops.pyops.avg_pool2d_backward(grad_output, *ctx.geometry)
+        grad = avg_pool2d_backward(grad_output, *ctx.geometry)
         return grad, None, None, None, None, None, None
