@@ -20,6 +20,7 @@
 #include <ATen/ThreadLocalState.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -254,12 +255,391 @@ void add_bias(const at::Tensor& out, const at::Tensor& bias, bool channels_last)
   });
 }
 
+// ------------------------------------------------------------------ one channel per group
+
+// Convolutions whose groups hold one input channel each (depthwise, with any channel
+// multiplier, and any convolution of a single-channel input) do 2*R*S flops per output
+// element: as GEMMs they are hundreds of tiny ones. These kernels run them directly,
+// each output plane (NCHW) or pixel (NHWC) from its own R x S filter, vectorised along
+// output rows (NCHW) or channels (NHWC), every output element written by one task in a
+// fixed order (deterministic).
+bool one_channel_groups(const Geom& g, bool cl) {
+  return g.Cg() == 1 && (!cl || g.Kg() == 1);  // NHWC: plain depthwise (multiplier 1) only
+}
+
+template <typename T>
+inline void axpy_strided(T a, const T* __restrict x, int64_t stride, T* __restrict y, int64_t n) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i * stride];
+  }
+}
+
+template <typename T>
+inline void scatter_strided(T a, const T* __restrict x, int64_t stride, T* __restrict y, int64_t n) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i * stride] += a * x[i];
+  }
+}
+
+template <typename T>
+inline T dot_strided(const T* __restrict a, const T* __restrict x, int64_t stride, int64_t n) {
+  T sum = 0;
+  if (stride == 1) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += a[i] * x[i];
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += a[i] * x[i * stride];
+  }
+  return sum;
+}
+
+// Output columns [lo, hi) of every filter column s, for the NCHW row loops.
+struct TapColumns {
+  std::vector<int64_t> lo, hi, off;
+  explicit TapColumns(const Geom& g) : lo(g.S), hi(g.S), off(g.S) {
+    for (int64_t s = 0; s < g.S; ++s) {
+      off[s] = s * g.dw - g.pw;
+      valid_range(off[s], g.sw, g.W, g.OW, lo[s], hi[s]);
+    }
+  }
+};
+
+// Unit column stride: each plane is first copied into a zero-padded scratch plane, so
+// every tap reads a full row block with no bounds checks, and a block of kRowLanes
+// outputs accumulates in vector registers over all R*S taps (independent chains).
+constexpr int64_t kRowBytes = 256;
+
+template <typename T>
+constexpr int64_t row_lanes() {
+  return kRowBytes / static_cast<int64_t>(sizeof(T));
+}
+
+// P (rows, width) = src (src_rows, src_cols) shifted by (top, left), zeros elsewhere.
+template <typename T>
+void pad_plane(const T* __restrict src, int64_t src_rows, int64_t src_cols, int64_t top, int64_t left,
+               T* __restrict P, int64_t rows, int64_t width) {
+  const int64_t j0 = std::clamp<int64_t>(left, 0, width), j1 = std::clamp<int64_t>(left + src_cols, j0, width);
+  for (int64_t i = 0; i < rows; ++i) {
+    T* prow = P + i * width;
+    const int64_t si = i - top;
+    if (si < 0 || si >= src_rows) {
+      std::fill(prow, prow + width, T(0));
+      continue;
+    }
+    std::fill(prow, prow + j0, T(0));
+    std::memcpy(prow + j0, src + si * src_cols + (j0 - left), (j1 - j0) * sizeof(T));
+    std::fill(prow + j1, prow + width, T(0));
+  }
+}
+
+// out (OH, OW) (+)= sum over taps of f[r, s] * P[oh * sh + r * dh, ow + s * dw].
+template <typename T>
+void conv_padded_plane(const T* __restrict P, int64_t width, const T* __restrict f, T* __restrict out, int64_t OH,
+                       int64_t OW, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw, bool accumulate) {
+  constexpr int64_t L = row_lanes<T>();
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const T* base = P + oh * sh * width;
+    T* orow = out + oh * OW;
+    for (int64_t ow0 = 0; ow0 < OW; ow0 += L) {
+      const int64_t n = std::min(L, OW - ow0);
+      T acc[L];
+      for (int64_t j = 0; j < L; ++j) acc[j] = T(0);
+      for (int64_t r = 0; r < R; ++r) {
+        const T* prow = base + r * dh * width + ow0;
+        for (int64_t s = 0; s < S; ++s) {
+          const T fv = f[r * S + s];
+          const T* src = prow + s * dw;
+          for (int64_t j = 0; j < L; ++j) acc[j] += fv * src[j];
+        }
+      }
+      if (accumulate) {
+        for (int64_t j = 0; j < n; ++j) orow[ow0 + j] += acc[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) orow[ow0 + j] = acc[j];
+      }
+    }
+  }
+}
+
+// Scratch sizes of a padded plane read by conv_padded_plane for an (OH, OW) output.
+inline int64_t padded_rows(int64_t OH, int64_t R, int64_t sh, int64_t dh) { return (OH - 1) * sh + (R - 1) * dh + 1; }
+template <typename T>
+int64_t padded_width(int64_t OW, int64_t S, int64_t dw) {
+  return (OW + row_lanes<T>() - 1) / row_lanes<T>() * row_lanes<T>() + (S - 1) * dw;
+}
+
+// acc[r, s] += sum over (oh, ow) of D[oh, ow] * P[oh * sh + r * dh, ow + s * dw], D being
+// dy's plane padded to whole row blocks with zeros. One tap at a time, so its block of
+// kRowLanes partial sums stays in registers over the whole plane (D and P stay in cache).
+template <typename T>
+void weight_grad_padded_plane(const T* __restrict D, int64_t dwidth, const T* __restrict P, int64_t width,
+                              T* __restrict acc, int64_t OH, int64_t R, int64_t S, int64_t sh, int64_t dh,
+                              int64_t dw) {
+  constexpr int64_t L = row_lanes<T>();
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t s = 0; s < S; ++s) {
+      T part[L];
+      for (int64_t j = 0; j < L; ++j) part[j] = T(0);
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const T* drow = D + oh * dwidth;
+        const T* src = P + (oh * sh + r * dh) * width + s * dw;
+        for (int64_t ow0 = 0; ow0 < dwidth; ow0 += L)
+          for (int64_t j = 0; j < L; ++j) part[j] += drow[ow0 + j] * src[ow0 + j];
+      }
+      T sum = 0;
+      for (int64_t j = 0; j < L; ++j) sum += part[j];
+      acc[r * S + s] += sum;
+    }
+  }
+}
+
+template <typename T>
+void direct_forward_nchw(const T* x, const T* w, T* y, const Geom& g) {
+  const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, Kg = g.Kg();
+  if (g.sw == 1) {  // per input plane: pad once, then every output plane of its group
+    const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(Kg * OHW * RS, 1)),
+                     [&](int64_t b, int64_t e) {
+      std::vector<T> P(rows * width);
+      for (int64_t q = b; q < e; ++q) {
+        const int64_t n = q / g.C, c = q % g.C;
+        pad_plane(x + q * g.H * g.W, g.H, g.W, g.ph, g.pw, P.data(), rows, width);
+        for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k)
+          conv_padded_plane(P.data(), width, w + k * RS, y + (n * g.K + k) * OHW, g.OH, g.OW, g.R, g.S, g.sh,
+                            g.dh, g.dw, false);
+      }
+    });
+    return;
+  }
+  const TapColumns cols(g);
+  at::parallel_for(0, g.N * g.K, std::max<int64_t>(1, 32768 / std::max<int64_t>(OHW * RS, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t n = p / g.K, k = p % g.K;
+      const T* xp = x + (n * g.C + k / Kg) * g.H * g.W;
+      const T* wk = w + k * RS;
+      T* yp = y + p * OHW;
+      std::fill(yp, yp + OHW, T(0));
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        T* yrow = yp + oh * g.OW;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t h = oh * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          const T* xrow = xp + h * g.W;
+          for (int64_t s = 0; s < g.S; ++s) {
+            const int64_t lo = cols.lo[s], hi = cols.hi[s];
+            if (hi > lo) axpy_strided(wk[r * g.S + s], xrow + cols.off[s] + lo * g.sw, g.sw, yrow + lo, hi - lo);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
+  const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, HW = g.H * g.W, Kg = g.Kg();
+  if (g.sh == 1 && g.sw == 1) {
+    // Stride 1: dx[h, w] = sum of w[r, s] * dy[h + ph - r*dh, w + pw - s*dw], a convolution
+    // of dy (shifted by the flipped filter's reach) with the flipped filter.
+    const int64_t rows = padded_rows(g.H, g.R, 1, g.dh), width = padded_width<T>(g.W, g.S, g.dw);
+    const int64_t top = (g.R - 1) * g.dh - g.ph, left = (g.S - 1) * g.dw - g.pw;
+    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(Kg * HW * RS, 1)),
+                     [&](int64_t b, int64_t e) {
+      std::vector<T> P(rows * width), flipped(RS);
+      for (int64_t q = b; q < e; ++q) {
+        const int64_t n = q / g.C, c = q % g.C;
+        for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k) {
+          for (int64_t i = 0; i < RS; ++i) flipped[i] = w[k * RS + RS - 1 - i];
+          pad_plane(dy + (n * g.K + k) * OHW, g.OH, g.OW, top, left, P.data(), rows, width);
+          conv_padded_plane(P.data(), width, flipped.data(), dx + q * HW, g.H, g.W, g.R, g.S, 1, g.dh, g.dw,
+                            k > c * Kg);
+        }
+      }
+    });
+    return;
+  }
+  const TapColumns cols(g);
+  at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(Kg * OHW * RS, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t n = p / g.C, c = p % g.C;
+      T* dxp = dx + p * HW;
+      std::fill(dxp, dxp + HW, T(0));
+      for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k) {
+        const T* dyp = dy + (n * g.K + k) * OHW;
+        const T* wk = w + k * RS;
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const T* dyrow = dyp + oh * g.OW;
+          for (int64_t r = 0; r < g.R; ++r) {
+            const int64_t h = oh * g.sh - g.ph + r * g.dh;
+            if (h < 0 || h >= g.H) continue;
+            T* dxrow = dxp + h * g.W;
+            for (int64_t s = 0; s < g.S; ++s) {
+              const int64_t lo = cols.lo[s], hi = cols.hi[s];
+              if (hi > lo)
+                scatter_strided(wk[r * g.S + s], dyrow + lo, g.sw, dxrow + cols.off[s] + lo * g.sw, hi - lo);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void direct_weight_grad_nchw(const T* dy, const T* x, T* dw, const Geom& g) {
+  const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, HW = g.H * g.W;
+  if (g.sw == 1) {
+    constexpr int64_t L = row_lanes<T>();
+    const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
+    const int64_t dwidth = (g.OW + L - 1) / L * L;
+    at::parallel_for(0, g.K, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> P(rows * width), D(g.OH * dwidth);
+      for (int64_t k = b; k < e; ++k) {
+        T* dwk = dw + k * RS;
+        std::fill(dwk, dwk + RS, T(0));
+        const int64_t c = k / g.Kg();
+        for (int64_t n = 0; n < g.N; ++n) {
+          pad_plane(x + (n * g.C + c) * HW, g.H, g.W, g.ph, g.pw, P.data(), rows, width);
+          pad_plane(dy + (n * g.K + k) * OHW, g.OH, g.OW, 0, 0, D.data(), g.OH, dwidth);
+          weight_grad_padded_plane(D.data(), dwidth, P.data(), width, dwk, g.OH, g.R, g.S, g.sh, g.dh, g.dw);
+        }
+      }
+    });
+    return;
+  }
+  const TapColumns cols(g);
+  at::parallel_for(0, g.K, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> acc(RS);
+    for (int64_t k = b; k < e; ++k) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t c = k / g.Kg();
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* dyp = dy + (n * g.K + k) * OHW;
+        const T* xp = x + (n * g.C + c) * HW;
+        for (int64_t oh = 0; oh < g.OH; ++oh) {
+          const T* dyrow = dyp + oh * g.OW;
+          for (int64_t r = 0; r < g.R; ++r) {
+            const int64_t h = oh * g.sh - g.ph + r * g.dh;
+            if (h < 0 || h >= g.H) continue;
+            const T* xrow = xp + h * g.W;
+            for (int64_t s = 0; s < g.S; ++s) {
+              const int64_t lo = cols.lo[s], hi = cols.hi[s];
+              if (hi > lo) acc[r * g.S + s] += dot_strided(dyrow + lo, xrow + cols.off[s] + lo * g.sw, g.sw, hi - lo);
+            }
+          }
+        }
+      }
+      std::copy(acc.begin(), acc.end(), dw + k * RS);
+    }
+  });
+}
+
+// NHWC depthwise: wt is the filter as (R*S, C), so each tap is a unit-stride channel vector.
+template <typename T>
+inline void fma_channels(const T* __restrict a, const T* __restrict x, T* __restrict y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) y[c] += a[c] * x[c];
+}
+
+template <typename T>
+void direct_forward_nhwc(const T* x, const T* wt, T* y, const Geom& g) {
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.OH, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.OW * C * g.R * g.S, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / g.OH, oh = t % g.OH;
+      T* yrow = y + t * g.OW * C;
+      std::fill(yrow, yrow + g.OW * C, T(0));
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = oh * g.sh - g.ph + r * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        const T* xrow = x + (n * g.H + h) * g.W * C;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          for (int64_t s = 0; s < g.S; ++s) {
+            const int64_t w = ow * g.sw - g.pw + s * g.dw;
+            if (w < 0 || w >= g.W) continue;
+            fma_channels(wt + (r * g.S + s) * C, xrow + w * C, yrow + ow * C, C);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void direct_input_grad_nhwc(const T* dy, const T* wt, T* dx, const Geom& g) {
+  const int64_t C = g.C;
+  at::parallel_for(0, g.N * g.H, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.W * C * g.R * g.S, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / g.H, h = t % g.H;
+      T* dxrow = dx + t * g.W * C;
+      std::fill(dxrow, dxrow + g.W * C, T(0));
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t hh = h + g.ph - r * g.dh;  // = oh * sh
+        if (hh < 0 || hh % g.sh != 0 || hh / g.sh >= g.OH) continue;
+        const T* dyrow = dy + (n * g.OH + hh / g.sh) * g.OW * C;
+        for (int64_t w = 0; w < g.W; ++w) {
+          for (int64_t s = 0; s < g.S; ++s) {
+            const int64_t ww = w + g.pw - s * g.dw;  // = ow * sw
+            if (ww < 0 || ww % g.sw != 0 || ww / g.sw >= g.OW) continue;
+            fma_channels(wt + (r * g.S + s) * C, dyrow + (ww / g.sw) * C, dxrow + w * C, C);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void direct_weight_grad_nhwc(const T* dy, const T* x, T* dwt, const Geom& g) {
+  // dwt (R*S, C): per-chunk partial sums over fixed row ranges, added in chunk order.
+  const int64_t C = g.C, RS = g.R * g.S, rows = g.N * g.OH;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), rows);
+  std::vector<T> partial(chunks * RS * C, T(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t chunk = b; chunk < e; ++chunk) {
+      T* acc = partial.data() + chunk * RS * C;
+      for (int64_t t = chunk * rows / chunks; t < (chunk + 1) * rows / chunks; ++t) {
+        const int64_t n = t / g.OH, oh = t % g.OH;
+        const T* dyrow = dy + t * g.OW * C;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t h = oh * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          const T* xrow = x + (n * g.H + h) * g.W * C;
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            for (int64_t s = 0; s < g.S; ++s) {
+              const int64_t w = ow * g.sw - g.pw + s * g.dw;
+              if (w < 0 || w >= g.W) continue;
+              fma_channels(dyrow + ow * C, xrow + w * C, acc + (r * g.S + s) * C, C);
+            }
+          }
+        }
+      }
+    }
+  });
+  std::fill(dwt, dwt + RS * C, T(0));
+  for (int64_t chunk = 0; chunk < chunks; ++chunk)
+    for (int64_t i = 0; i < RS * C; ++i) dwt[i] += partial[chunk * RS * C + i];
+}
+
 // y = conv(x, w): x (N, C, H, W), w (K, Cg, R, S), y (N, K, OH, OW), all dense in the layout.
 void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, const Geom& g, bool cl) {
   const int64_t Cg = g.Cg(), Kg = g.Kg(), OHW = g.OH * g.OW, RS = g.R * g.S;
   const bool pointwise = g.pointwise();
   const int64_t slots = slots_for(g.N);
-  if (batched_nchw(g, cl)) {
+  if (one_channel_groups(g, cl)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_direct", [&] {
+      if (cl) {
+        const at::Tensor wt = w.view({g.K, RS}).t().contiguous();  // (R*S, C)
+        direct_forward_nhwc<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+      } else {
+        direct_forward_nchw<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+      }
+    });
+  } else if (batched_nchw(g, cl)) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_batched", [&] {
       for (int64_t grp = 0; grp < g.G; ++grp) {
@@ -325,6 +705,17 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
   const int64_t Cg = g.Cg(), Kg = g.Kg(), OHW = g.OH * g.OW, RS = g.R * g.S;
   const bool pointwise = g.pointwise();
   const int64_t slots = slots_for(g.N);
+  if (one_channel_groups(g, cl)) {  // writes every element of dx
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_direct", [&] {
+      if (cl) {
+        const at::Tensor wt = w.view({g.K, RS}).t().contiguous();  // (R*S, C)
+        direct_input_grad_nhwc<scalar_t>(dy.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g);
+      } else {
+        direct_input_grad_nchw<scalar_t>(dy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g);
+      }
+    });
+    return;
+  }
   dx.zero_();  // col2im adds into it
   if (batched_nchw(g, cl)) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
@@ -391,6 +782,18 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   const int64_t Cg = g.Cg(), Kg = g.Kg(), OHW = g.OH * g.OW, RS = g.R * g.S;
   const bool pointwise = g.pointwise();
   const int64_t slots = slots_for(g.N);
+  if (one_channel_groups(g, cl)) {
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_weight_grad_direct", [&] {
+      if (cl) {
+        at::Tensor dwt = at::empty({RS, g.K}, dw.options());
+        direct_weight_grad_nhwc<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dwt.data_ptr<scalar_t>(), g);
+        dw.view({g.K, RS}).copy_(dwt.t());
+      } else {
+        direct_weight_grad_nchw<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), g);
+      }
+    });
+    return;
+  }
   if (batched_nchw(g, cl)) {
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_weight_grad_batched", [&] {
       for (int64_t grp = 0; grp < g.G; ++grp) {

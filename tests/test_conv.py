@@ -25,6 +25,9 @@ CONV_CASES = [
     # >= 64 output pixels with N > 1: the C++ per-image GEMM path (smaller planes batch all images)
     ((2, 4, 12, 11), (6, 2, 3, 3), dict(padding=1, groups=2)),
     ((2, 3, 12, 10), (4, 3, 2, 3), dict(dilation=(2, 1))),
+    # one input channel per group: the C++ direct kernels (depthwise; a single-channel input)
+    ((2, 6, 9, 8), (6, 1, 3, 2), dict(stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=6)),
+    ((2, 1, 9, 8), (5, 1, 3, 3), dict(padding=1)),
 ]
 
 # (input shape, weight shape, kwargs) of conv_transpose2d
@@ -89,8 +92,8 @@ def test_conv_transpose2d_matches_torch(backend_device, dtype, case):
     _compare(backend_device, dtype, xs, ws, kwargs, transpose=True)
 
 
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("case", [0, 2, 5], ids=str)
+@pytest.mark.parametrize("transpose,case", [(False, 0), (False, 2), (False, 5), (False, 15),
+                                            (True, 0), (True, 2), (True, 5)])
 def test_channels_last_and_no_bias(backend_device, transpose, case):
     xs, ws, kwargs = (TRANSPOSE_CASES if transpose else CONV_CASES)[case]
     _compare(backend_device, torch.float32, xs, ws, kwargs, transpose, bias=False, channels_last=True)
