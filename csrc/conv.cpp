@@ -60,20 +60,21 @@ inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t ou
 
 // ------------------------------------------------------------------ NCHW patches
 
-// col (Cg*R*S, OH*OW) of one image's group: x points at its first channel plane.
+// col (Cg*R*S, (oh1-oh0)*OW): the patches of output rows [oh0, oh1) of one image's group
+// (x points at its first channel plane).
 template <typename T>
-void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g) {
-  const int64_t OHW = g.OH * g.OW;
+void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_t oh0, int64_t oh1) {
+  const int64_t cols = (oh1 - oh0) * g.OW;
   for (int64_t c = 0; c < g.Cg(); ++c) {
     const T* plane = x + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
-        T* row = col + ((c * g.R + r) * g.S + s) * OHW;
+        T* row = col + ((c * g.R + r) * g.S + s) * cols;
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          T* dst = row + oh * g.OW;
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          T* dst = row + (oh - oh0) * g.OW;
           const int64_t h = oh * g.sh - g.ph + r * g.dh;
           if (h < 0 || h >= g.H) {
             std::fill(dst, dst + g.OW, T(0));
@@ -93,22 +94,23 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g) {
   }
 }
 
-// dx planes (Cg, H, W) of one image's group += the patch gradients dcol (Cg*R*S, OH*OW).
+// dx planes (Cg, H, W) of one image's group += the patch gradients dcol
+// (Cg*R*S, (oh1-oh0)*OW) of output rows [oh0, oh1).
 template <typename T>
-void col2im_nchw(const T* __restrict dcol, T* __restrict dx, const Geom& g) {
-  const int64_t OHW = g.OH * g.OW;
+void col2im_nchw(const T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t oh0, int64_t oh1) {
+  const int64_t cols = (oh1 - oh0) * g.OW;
   for (int64_t c = 0; c < g.Cg(); ++c) {
     T* plane = dx + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
-        const T* row = dcol + ((c * g.R + r) * g.S + s) * OHW;
+        const T* row = dcol + ((c * g.R + r) * g.S + s) * cols;
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
           const int64_t h = oh * g.sh - g.ph + r * g.dh;
           if (h < 0 || h >= g.H) continue;
-          const T* src = row + oh * g.OW;
+          const T* src = row + (oh - oh0) * g.OW;
           T* dst = plane + h * g.W + woff;
           if (g.sw == 1) {
             for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
@@ -119,6 +121,17 @@ void col2im_nchw(const T* __restrict dcol, T* __restrict dx, const Geom& g) {
       }
     }
   }
+}
+
+// Output rows per patch tile of the NCHW per-image paths: the patch matrix is built and
+// consumed one tile at a time, sized to stay in a core's L2 cache (about 512 KiB) while
+// keeping the GEMM's pixel dimension long enough (>= 256) to run near its rate.
+constexpr int64_t kTileBytes = 512 * 1024, kMinTilePixels = 256;
+
+int64_t tile_rows(const Geom& g, int64_t elem_size) {
+  const int64_t patch_rows = g.Cg() * g.R * g.S;
+  const int64_t pixels = std::max(kMinTilePixels, kTileBytes / std::max<int64_t>(patch_rows * elem_size, 1));
+  return std::clamp<int64_t>(pixels / std::max<int64_t>(g.OW, 1), 1, g.OH);
 }
 
 // ------------------------------------------------------------------ NHWC patches
@@ -220,7 +233,7 @@ at::Tensor im2col_all(const at::Tensor& x, const Geom& g, int64_t grp) {
   T* pc = cols.data_ptr<T>();
   at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n)
-      im2col_nchw<T>(px + (n * g.C + grp * Cg) * g.H * g.W, pc + n * Cg * RS * OHW, g);
+      im2col_nchw<T>(px + (n * g.C + grp * Cg) * g.H * g.W, pc + n * Cg * RS * OHW, g, 0, g.OH);
   });
   return cols.permute({1, 0, 2}).reshape({Cg * RS, g.N * OHW});
 }
@@ -650,21 +663,26 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
     });
   } else if (!cl) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
+    const int64_t rows = tile_rows(g, x.element_size());
     std::vector<at::Tensor> cols(slots);
-    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS, OHW}, x.options());
+    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS * rows * g.OW}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward", [&] {
       for_each_image(g.N, [&](int64_t n, int64_t slot) {
         for (int64_t grp = 0; grp < g.G; ++grp) {
           const at::Tensor xg = x[n].narrow(0, grp * Cg, Cg);
-          at::Tensor col;
-          if (pointwise) {
-            col = xg.reshape({Cg, OHW});
-          } else {
-            col = cols[slot];
-            im2col_nchw<scalar_t>(xg.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), g);
-          }
+          const at::Tensor wg = wm.narrow(0, grp * Kg, Kg);
           at::Tensor out = y[n].narrow(0, grp * Kg, Kg).view({Kg, OHW});
-          at::mm_out(out, wm.narrow(0, grp * Kg, Kg), col);
+          if (pointwise) {
+            at::mm_out(out, wg, xg.reshape({Cg, OHW}));
+            continue;
+          }
+          for (int64_t oh0 = 0; oh0 < g.OH; oh0 += rows) {  // patch tiles that stay in cache
+            const int64_t oh1 = std::min(g.OH, oh0 + rows), pixels = (oh1 - oh0) * g.OW;
+            at::Tensor col = cols[slot].narrow(0, 0, Cg * RS * pixels).view({Cg * RS, pixels});
+            im2col_nchw<scalar_t>(xg.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), g, oh0, oh1);
+            at::Tensor tile = out.narrow(1, oh0 * g.OW, pixels);
+            at::mm_out(tile, wg, col);
+          }
         }
       });
     });
@@ -729,14 +747,15 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
         scalar_t* pdx = dx.data_ptr<scalar_t>();
         at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
           for (int64_t n = b; n < e; ++n)
-            col2im_nchw<scalar_t>(pc + n * Cg * RS * OHW, pdx + (n * g.C + grp * Cg) * g.H * g.W, g);
+            col2im_nchw<scalar_t>(pc + n * Cg * RS * OHW, pdx + (n * g.C + grp * Cg) * g.H * g.W, g, 0, g.OH);
         });
       }
     });
   } else if (!cl) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
+    const int64_t rows = tile_rows(g, dy.element_size());
     std::vector<at::Tensor> cols(slots);
-    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS, OHW}, dy.options());
+    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS * rows * g.OW}, dy.options());
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad", [&] {
       for_each_image(g.N, [&](int64_t n, int64_t slot) {
         for (int64_t grp = 0; grp < g.G; ++grp) {
@@ -746,9 +765,13 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
           if (pointwise) {
             at::Tensor out = dxg.view({Cg, OHW});
             at::mm_out(out, wg, dyg);
-          } else {
-            at::mm_out(cols[slot], wg, dyg);
-            col2im_nchw<scalar_t>(cols[slot].data_ptr<scalar_t>(), dxg.data_ptr<scalar_t>(), g);
+            continue;
+          }
+          for (int64_t oh0 = 0; oh0 < g.OH; oh0 += rows) {  // patch-gradient tiles that stay in cache
+            const int64_t oh1 = std::min(g.OH, oh0 + rows), pixels = (oh1 - oh0) * g.OW;
+            at::Tensor dcol = cols[slot].narrow(0, 0, Cg * RS * pixels).view({Cg * RS, pixels});
+            at::mm_out(dcol, wg, dyg.narrow(1, oh0 * g.OW, pixels));
+            col2im_nchw<scalar_t>(dcol.data_ptr<scalar_t>(), dxg.data_ptr<scalar_t>(), g, oh0, oh1);
           }
         }
       });
@@ -805,9 +828,10 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   }
   // per-slot partial sums, (K, Cg*RS) in NCHW order or (K, RS*Cg) in NHWC order
   const at::Tensor partial = at::zeros({slots, g.K, Cg * RS}, dy.options());
+  const int64_t rows = tile_rows(g, x.element_size());
   std::vector<at::Tensor> cols(slots);
   for (auto& col : cols) {
-    if (!pointwise || (cl && g.G > 1)) col = cl ? at::empty({OHW, RS * Cg}, x.options()) : at::empty({Cg * RS, OHW}, x.options());
+    if (!pointwise || (cl && g.G > 1)) col = cl ? at::empty({OHW, RS * Cg}, x.options()) : at::empty({Cg * RS * rows * g.OW}, x.options());
   }
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_weight_grad", [&] {
     for_each_image(g.N, [&](int64_t n, int64_t slot) {
@@ -815,16 +839,18 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
       if (!cl) {
         for (int64_t grp = 0; grp < g.G; ++grp) {
           const at::Tensor xg = x[n].narrow(0, grp * Cg, Cg);
-          at::Tensor col;
-          if (pointwise) {
-            col = xg.reshape({Cg, OHW});
-          } else {
-            col = cols[slot];
-            im2col_nchw<scalar_t>(xg.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), g);
-          }
           const at::Tensor dyg = dy[n].narrow(0, grp * Kg, Kg).reshape({Kg, OHW});
           at::Tensor out = acc.narrow(0, grp * Kg, Kg);
-          out.addmm_(dyg, col.t());
+          if (pointwise) {
+            out.addmm_(dyg, xg.reshape({Cg, OHW}).t());
+            continue;
+          }
+          for (int64_t oh0 = 0; oh0 < g.OH; oh0 += rows) {  // patch tiles that stay in cache
+            const int64_t oh1 = std::min(g.OH, oh0 + rows), pixels = (oh1 - oh0) * g.OW;
+            at::Tensor col = cols[slot].narrow(0, 0, Cg * RS * pixels).view({Cg * RS, pixels});
+            im2col_nchw<scalar_t>(xg.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), g, oh0, oh1);
+            out.addmm_(dyg.narrow(1, oh0 * g.OW, pixels), col.t());
+          }
         }
       } else {
         const at::Tensor dyn = dy[n].permute({1, 2, 0}).reshape({OHW, g.K});

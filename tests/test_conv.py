@@ -78,6 +78,25 @@ def _compare(backend_device, dtype, xs, ws, kwargs, transpose, bias=True, channe
         torch.testing.assert_close(mine.grad, ref.grad.to(dtype), atol=atol * scale, rtol=atol * 4)
 
 
+# Planes whose patch matrix passes the C++ kernels' cache tile (512 KiB): built and used
+# in several tiles of output rows (the tile edge falls mid-image, in float32 and float64).
+# (transpose, input shape, weight shape, kwargs)
+TILED_CASES = [
+    (False, (2, 64, 30, 9), (8, 64, 3, 3), dict(padding=1)),
+    (False, (1, 256, 70, 8), (6, 128, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)),
+    (True, (2, 8, 30, 9), (8, 64, 3, 3), dict(padding=1)),  # its forward is the tiled input gradient
+]
+
+
+@pytest.mark.parametrize("case,dtype", [(0, torch.float32), (0, torch.float64), (1, torch.float64),
+                                        (2, torch.float32), (2, torch.float64)], ids=str)
+def test_cpp_patch_tiles(case, dtype):
+    # (case 1 sums 768 products per output: float32 rounding exceeds the forward tolerance)
+    transpose, xs, ws, kwargs = TILED_CASES[case]
+    with pyops.backend("cpp"):
+        _compare("cpu", dtype, xs, ws, kwargs, transpose)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv2d_matches_torch(backend_device, dtype, case):
