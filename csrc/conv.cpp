@@ -84,6 +84,8 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
           std::fill(dst, dst + lo, T(0));
           if (g.sw == 1) {
             if (hi > lo) std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(T));
+          } else if (g.sw == 2) {  // a constant stride the compiler vectorises (two loads + a permute)
+            for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * 2];
           } else {
             for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * g.sw];
           }
