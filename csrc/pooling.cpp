@@ -141,6 +141,9 @@ inline void store_scaled(const acc_t* __restrict src, scalar_t* __restrict dst, 
 // accumulators live in vector registers (a compile-time block size lets the compiler
 // keep acc[] there instead of in memory between the window's pixels).
 constexpr int64_t kBlock = 32;
+// Larger windows (a global pool) go pixel by pixel over all channels instead, with the
+// accumulators in L1: a block's walk over many pixels C elements apart defeats the caches.
+constexpr int64_t kMaxBlockedWindow = 16;
 
 template <typename scalar_t, typename acc_t>
 inline void window_sum_block(const scalar_t* __restrict px, int64_t row_step, int64_t col_step, int64_t rows,
@@ -190,6 +193,7 @@ void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     const int64_t C = g.C;
+    const bool blocked = g.kH * g.kW <= kMaxBlockedWindow;
     at::parallel_for(0, g.N * g.OH, grain_for(g.OW * C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> best(C);
       std::vector<int32_t> arg(C);
@@ -205,7 +209,7 @@ void max_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
           const int32_t first = static_cast<int32_t>(h0 * g.W + w0);
           const scalar_t* corner = in + ((n * g.H + h0) * g.W + w0) * C;
           int64_t c0 = 0;
-          for (; c0 + kBlock <= C; c0 += kBlock)
+          for (; blocked && c0 + kBlock <= C; c0 += kBlock)
             window_max_block<scalar_t, acc_t>(corner + c0, g.dH * g.W * C, g.dW * C, rows, cols, first,
                                               static_cast<int32_t>(g.dH * g.W), static_cast<int32_t>(g.dW),
                                               out + o + c0, idx + o + c0);
@@ -286,8 +290,41 @@ inline void gather_avg_block(const scalar_t* __restrict pg, const acc_t* __restr
 // written once, with no zeroing pass, in a fixed order (deterministic), vectorised over
 // channels. An index outside the plane (a window wholly in the padding, see the NCHW
 // kernel) equals no position, so its gradient goes nowhere.
+template <typename scalar_t>
+inline void scatter_argmax(const scalar_t* __restrict pg, const int64_t* __restrict pi, scalar_t* __restrict gi,
+                           int64_t C, int64_t plane) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t i = pi[c];
+    if (i >= 0 && i < plane) gi[i * C + c] += pg[c];
+  }
+}
+
 void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& indices,
                               const at::Tensor& grad_input, const Geometry& g) {
+  // Overlapping windows with enough images for every thread: each image is zeroed and
+  // its window gradients scattered to their argmax (one read of the gradient and indices,
+  // where the gather re-reads them for every window covering a pixel); in image order, so
+  // deterministic. float and double only (half types accumulate through the gather).
+  const bool overlapping = g.kH > g.sH || g.kW > g.sW;
+  if (overlapping && g.N >= at::get_num_threads() &&
+      (grad_input.scalar_type() == at::kFloat || grad_input.scalar_type() == at::kDouble)) {
+    AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "pyops_max_pool2d_backward_nhwc_scatter", [&] {
+      const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
+      const int64_t* idx = indices.const_data_ptr<int64_t>();
+      scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+      const int64_t C = g.C, plane = g.H * g.W, outs = g.OH * g.OW;
+      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n) {
+          scalar_t* gin = gi + n * plane * C;
+          std::fill(gin, gin + plane * C, scalar_t(0));
+          for (int64_t o = 0; o < outs; ++o)
+            scatter_argmax(go + (n * outs + o) * C, idx + (n * outs + o) * C, gin, C, plane);
+        }
+      });
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_input.scalar_type(), "pyops_max_pool2d_backward_nhwc", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
@@ -475,6 +512,7 @@ void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     const int64_t C = g.C;
+    const bool blocked = g.kH * g.kW <= kMaxBlockedWindow;
     at::parallel_for(0, g.N * g.OH, grain_for(g.OW * C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sum(C);
       for (int64_t t = begin; t < end; ++t) {
@@ -487,7 +525,7 @@ void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, 
           scalar_t* dst = out + ((n * g.OH + oh) * g.OW + ow) * C;
           const int64_t rows = std::max<int64_t>(h1 - h0, 0), cols = std::max<int64_t>(w1 - w0, 0);
           int64_t c0 = 0;
-          for (; c0 + kBlock <= C; c0 += kBlock)
+          for (; blocked && c0 + kBlock <= C; c0 += kBlock)
             window_sum_block<scalar_t, acc_t>(corner + c0, g.W * C, C, rows, cols, scale, dst + c0);
           if (c0 < C) {  // the last channels, fewer than a block
             acc_t* __restrict s = sum.data();
