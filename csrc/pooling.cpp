@@ -302,12 +302,12 @@ inline void scatter_argmax(const scalar_t* __restrict pg, const int64_t* __restr
 
 void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& indices,
                               const at::Tensor& grad_input, const Geometry& g) {
-  // Overlapping windows with enough images for every thread: each image is zeroed and
-  // its window gradients scattered to their argmax (one read of the gradient and indices,
-  // where the gather re-reads them for every window covering a pixel); in image order, so
-  // deterministic. float and double only (half types accumulate through the gather).
-  const bool overlapping = g.kH > g.sH || g.kW > g.sW;
-  if (overlapping && g.N >= at::get_num_threads() &&
+  // With enough images for every thread: each image is zeroed and its window gradients
+  // scattered to their argmax (one read of the gradient and indices, where the gather
+  // re-reads them for every window covering a pixel, up to 4x for the ResNet stem); in
+  // image order, so deterministic. float and double only (half types accumulate in float
+  // through the gather below, which also serves batches smaller than the thread count).
+  if (g.N >= at::get_num_threads() &&
       (grad_input.scalar_type() == at::kFloat || grad_input.scalar_type() == at::kDouble)) {
     AT_DISPATCH_FLOATING_TYPES(grad_input.scalar_type(), "pyops_max_pool2d_backward_nhwc_scatter", [&] {
       const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
