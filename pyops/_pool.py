@@ -12,6 +12,8 @@ import torch
 
 def pair(value, name: str, fn: str) -> tuple[int, int]:
     """torch's ``_pair`` with its errors: an int or a sequence of one or two ints."""
+    if type(value) is int:  # the common case first: this runs on every call
+        return (value, value)
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         if isinstance(value, float):
             raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, but found element of type float")

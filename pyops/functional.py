@@ -80,7 +80,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     """
     x, kernel, stride, padding, dilation = _pool_args(input, kernel_size, stride, padding, dilation,
                                                       bool(ceil_mode), "max_pool2d", True)
-    out, indices = MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, bool(ceil_mode))
+    out, indices = MaxPool2dFunction.apply(x, (kernel, stride, padding, dilation, bool(ceil_mode)))
     if input.dim() == 3:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -97,8 +97,8 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
         raise RuntimeError("avg_pool2d: divisor must be not zero")
     x, kernel, stride, padding, _ = _pool_args(input, kernel_size, stride, padding, 1, bool(ceil_mode),
                                                "avg_pool2d", False)
-    out = AvgPool2dFunction.apply(x, kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
-                                  int(divisor_override or 0))
+    out = AvgPool2dFunction.apply(x, (kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
+                                      int(divisor_override or 0)))
     return out.squeeze(0) if input.dim() == 3 else out
 
 

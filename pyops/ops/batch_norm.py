@@ -272,7 +272,7 @@ class BatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             sums = red[:2] if training else var
             dx = batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
-                                                           training).view(shape)
+                                           training).view(shape)
         gw, gb = _param_grads(ctx, red, weight, bias, 3)
         return dx, None, None, gw, gb, None, None, None
 
@@ -317,6 +317,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
-                                                           True).view(shape)
+                                           True).view(shape)
         gw, gb = _param_grads(ctx, red, weight, bias, 1)
         return dx, gw, gb, None, None, None, None, None, None

@@ -308,7 +308,7 @@ class Conv2dFunction(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = conv2d_input_grad(grad, w, None, list(x.shape), stride, padding, dilation, groups,
-                                                   cl)
+                                   cl)
         if ctx.needs_input_grad[1]:
             gw = conv2d_weight_grad(grad, x, list(w.shape), stride, padding, dilation, groups, cl)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -326,7 +326,7 @@ class ConvTranspose2dFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         out_size = [x.shape[0], w.shape[1] * groups, *out_hw]
         return conv2d_input_grad(x, w, bias, out_size, stride, padding, dilation, groups,
-                                                 channels_last)
+                                 channels_last)
 
     @staticmethod
     @once_differentiable
@@ -336,7 +336,7 @@ class ConvTranspose2dFunction(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = conv2d_forward(grad, w, None, stride, padding, dilation, groups, list(x.shape[2:]),
-                                                cl)
+                                cl)
         if ctx.needs_input_grad[1]:
             # the transposed conv's output plays conv's input, its input conv's output gradient
             gw = conv2d_weight_grad(x, grad, list(w.shape), stride, padding, dilation, groups, cl)

@@ -97,10 +97,15 @@ def _(grad_output, indices, input_size, channels_last, kernel, stride, padding, 
 
 
 class MaxPool2dFunction(torch.autograd.Function):
-    """2-D max pooling of a 4-D input; returns (output, indices), indices not differentiable."""
+    """2-D max pooling of a 4-D input; returns (output, indices), indices not differentiable.
+
+    ``args`` is (kernel, stride, padding, dilation, ceil_mode), one argument rather than
+    five: autograd.Function.apply costs time per argument, on every call.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, ceil_mode):
+    def forward(ctx, x: Tensor, args):
+        kernel, stride, padding, dilation, ceil_mode = args
         out, indices = max_pool2d_forward(x, kernel, stride, padding, dilation, ceil_mode)
         ctx.mark_non_differentiable(indices)
         # No zero-filled gradient for the indices (an int64-sized fill per backward).
@@ -113,10 +118,9 @@ class MaxPool2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output, _grad_indices):
         if grad_output is None:  # only the indices were used
-            return None, None, None, None, None, None
+            return None, None
         (indices,) = ctx.saved_tensors
-        grad = max_pool2d_backward(grad_output, indices, *ctx.geometry)
-        return grad, None, None, None, None, None
+        return max_pool2d_backward(grad_output, indices, *ctx.geometry), None
 
 
 # ---------------------------------------------------------------- average pooling
@@ -178,17 +182,18 @@ def _(grad_output, input_size, channels_last, kernel, stride, padding, count_inc
 
 
 class AvgPool2dFunction(torch.autograd.Function):
-    """2-D average pooling of a 4-D input."""
+    """2-D average pooling of a 4-D input; ``args`` is (kernel, stride, padding, ceil_mode,
+    count_include_pad, divisor_override), packed as for MaxPool2dFunction."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    def forward(ctx, x: Tensor, args):
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = args
         ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, count_include_pad,
                         divisor_override)
         return avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
-                                                  divisor_override)
+                                  divisor_override)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grad = avg_pool2d_backward(grad_output, *ctx.geometry)
-        return grad, None, None, None, None, None, None
+        return avg_pool2d_backward(grad_output, *ctx.geometry), None
