@@ -125,6 +125,47 @@ void col2im_nchw(const T* __restrict dcol, T* __restrict dx, const Geom& g, int6
   }
 }
 
+// Column stride 2: col2im's adds land on every other column, a strided read-modify-write
+// the compiler cannot vectorise. Instead they go to a phase-split copy of the planes,
+// P (Cg, H, 2, half) with column w = 2 * j + phase at P[c, h, phase, j], where every tap
+// adds a contiguous run; interleave_phases then writes the planes once.
+inline int64_t phase_half(const Geom& g) { return (g.W + 1) / 2 + 1; }
+
+template <typename T>
+void col2im_nchw_phases(const T* __restrict dcol, T* __restrict P, const Geom& g, int64_t oh0, int64_t oh1) {
+  const int64_t cols = (oh1 - oh0) * g.OW, half = phase_half(g);
+  for (int64_t c = 0; c < g.Cg(); ++c) {
+    for (int64_t r = 0; r < g.R; ++r) {
+      for (int64_t s = 0; s < g.S; ++s) {
+        const T* row = dcol + ((c * g.R + r) * g.S + s) * cols;
+        int64_t lo, hi;
+        const int64_t woff = s * g.dw - g.pw;
+        valid_range(woff, 2, g.W, g.OW, lo, hi);
+        const int64_t phase = woff & 1, shift = (woff - phase) / 2;  // w = 2 * (ow + shift) + phase
+        for (int64_t oh = oh0; oh < oh1; ++oh) {
+          const int64_t h = oh * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          const T* src = row + (oh - oh0) * g.OW;
+          T* dst = P + ((c * g.H + h) * 2 + phase) * half + shift;
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void interleave_phases(const T* __restrict P, T* __restrict dx, const Geom& g) {
+  const int64_t half = phase_half(g);
+  for (int64_t q = 0; q < g.Cg() * g.H; ++q) {
+    const T* even = P + q * 2 * half;
+    const T* odd = even + half;
+    T* row = dx + q * g.W;
+    for (int64_t j = 0; 2 * j < g.W; ++j) row[2 * j] = even[j];
+    for (int64_t j = 0; 2 * j + 1 < g.W; ++j) row[2 * j + 1] = odd[j];
+  }
+}
+
 // Output rows per patch tile of the NCHW per-image paths: the patch matrix is built and
 // consumed one tile at a time, sized to stay in a core's L2 cache (about 512 KiB) while
 // keeping the GEMM's pixel dimension long enough (>= 256) to run near its rate.
@@ -756,8 +797,12 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
   } else if (!cl) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
     const int64_t rows = tile_rows(g, dy.element_size());
-    std::vector<at::Tensor> cols(slots);
-    for (auto& col : cols) col = pointwise ? at::Tensor() : at::empty({Cg * RS * rows * g.OW}, dy.options());
+    const bool phases = g.sw == 2 && !pointwise;
+    std::vector<at::Tensor> cols(slots), split(slots);
+    for (int64_t i = 0; i < slots; ++i) {
+      if (!pointwise) cols[i] = at::empty({Cg * RS * rows * g.OW}, dy.options());
+      if (phases) split[i] = at::empty({Cg * g.H * 2 * phase_half(g)}, dy.options());
+    }
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad", [&] {
       for_each_image(g.N, [&](int64_t n, int64_t slot) {
         for (int64_t grp = 0; grp < g.G; ++grp) {
@@ -769,12 +814,18 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
             at::mm_out(out, wg, dyg);
             continue;
           }
+          if (phases) split[slot].zero_();
           for (int64_t oh0 = 0; oh0 < g.OH; oh0 += rows) {  // patch-gradient tiles that stay in cache
             const int64_t oh1 = std::min(g.OH, oh0 + rows), pixels = (oh1 - oh0) * g.OW;
             at::Tensor dcol = cols[slot].narrow(0, 0, Cg * RS * pixels).view({Cg * RS, pixels});
             at::mm_out(dcol, wg, dyg.narrow(1, oh0 * g.OW, pixels));
-            col2im_nchw<scalar_t>(dcol.data_ptr<scalar_t>(), dxg.data_ptr<scalar_t>(), g, oh0, oh1);
+            if (phases) {
+              col2im_nchw_phases<scalar_t>(dcol.data_ptr<scalar_t>(), split[slot].data_ptr<scalar_t>(), g, oh0, oh1);
+            } else {
+              col2im_nchw<scalar_t>(dcol.data_ptr<scalar_t>(), dxg.data_ptr<scalar_t>(), g, oh0, oh1);
+            }
           }
+          if (phases) interleave_phases<scalar_t>(split[slot].data_ptr<scalar_t>(), dxg.data_ptr<scalar_t>(), g);
         }
       });
     });
