@@ -319,6 +319,12 @@ void add_bias(const at::Tensor& out, const at::Tensor& bias, bool channels_last)
 // each output plane (NCHW) or pixel (NHWC) from its own R x S filter, vectorised along
 // output rows (NCHW) or channels (NHWC), every output element written by one task in a
 // fixed order (deterministic).
+// Tasks of at least ~32K multiply-adds each in the direct kernels below, so small
+// convolutions do not pay for threads: the parallel_for grain for a given work per task.
+inline int64_t direct_grain(int64_t work_per_task) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_task, 1));
+}
+
 bool one_channel_groups(const Geom& g, bool cl) {
   return g.Cg() == 1 && (!cl || g.Kg() == 1);  // NHWC: plain depthwise (multiplier 1) only
 }
@@ -459,7 +465,7 @@ void direct_forward_nchw(const T* x, const T* w, T* y, const Geom& g) {
   const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, Kg = g.Kg();
   if (g.sw == 1) {  // per input plane: pad once, then every output plane of its group
     const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
-    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(Kg * OHW * RS, 1)),
+    at::parallel_for(0, g.N * g.C, direct_grain(Kg * OHW * RS),
                      [&](int64_t b, int64_t e) {
       std::vector<T> P(rows * width);
       for (int64_t q = b; q < e; ++q) {
@@ -473,7 +479,7 @@ void direct_forward_nchw(const T* x, const T* w, T* y, const Geom& g) {
     return;
   }
   const TapColumns cols(g);
-  at::parallel_for(0, g.N * g.K, std::max<int64_t>(1, 32768 / std::max<int64_t>(OHW * RS, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, g.N * g.K, direct_grain(OHW * RS), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t n = p / g.K, k = p % g.K;
       const T* xp = x + (n * g.C + k / Kg) * g.H * g.W;
@@ -504,7 +510,7 @@ void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
     // of dy (shifted by the flipped filter's reach) with the flipped filter.
     const int64_t rows = padded_rows(g.H, g.R, 1, g.dh), width = padded_width<T>(g.W, g.S, g.dw);
     const int64_t top = (g.R - 1) * g.dh - g.ph, left = (g.S - 1) * g.dw - g.pw;
-    at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(Kg * HW * RS, 1)),
+    at::parallel_for(0, g.N * g.C, direct_grain(Kg * HW * RS),
                      [&](int64_t b, int64_t e) {
       std::vector<T> P(rows * width), flipped(RS);
       for (int64_t q = b; q < e; ++q) {
@@ -520,7 +526,7 @@ void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
     return;
   }
   const TapColumns cols(g);
-  at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(Kg * OHW * RS, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, g.N * g.C, direct_grain(Kg * OHW * RS), [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
       const int64_t n = p / g.C, c = p % g.C;
       T* dxp = dx + p * HW;
@@ -604,7 +610,7 @@ inline void fma_channels(const T* __restrict a, const T* __restrict x, T* __rest
 template <typename T>
 void direct_forward_nhwc(const T* x, const T* wt, T* y, const Geom& g) {
   const int64_t C = g.C;
-  at::parallel_for(0, g.N * g.OH, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.OW * C * g.R * g.S, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, g.N * g.OH, direct_grain(g.OW * C * g.R * g.S), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / g.OH, oh = t % g.OH;
       T* yrow = y + t * g.OW * C;
@@ -628,7 +634,7 @@ void direct_forward_nhwc(const T* x, const T* wt, T* y, const Geom& g) {
 template <typename T>
 void direct_input_grad_nhwc(const T* dy, const T* wt, T* dx, const Geom& g) {
   const int64_t C = g.C;
-  at::parallel_for(0, g.N * g.H, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.W * C * g.R * g.S, 1)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, g.N * g.H, direct_grain(g.W * C * g.R * g.S), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / g.H, h = t % g.H;
       T* dxrow = dx + t * g.W * C;
