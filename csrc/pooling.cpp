@@ -60,22 +60,30 @@ inline int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(work_per_task, 1));
 }
 
-// Run f(n, c, oh_begin, oh_end) over all planes, splitting output rows when N*C alone
-// cannot keep every thread busy.
-template <typename F>
-void for_each_plane_rows(const Geometry& g, const F& f) {
+// Split all planes' output rows into tasks (n, c, oh_begin, oh_end), splitting output
+// rows when N*C alone cannot keep every thread busy, and run body once per worker
+// chunk: body(tasks) sets up per-worker state, then tasks(f) calls f on each task.
+template <typename Body>
+void for_each_plane_chunk(const Geometry& g, const Body& body) {
   const int64_t planes = g.N * g.C;
   const int64_t threads = at::get_num_threads();
   const int64_t row_split = planes >= threads ? 1 : std::min<int64_t>(g.OH, (threads + planes - 1) / planes);
   const int64_t rows_per = (g.OH + row_split - 1) / std::max<int64_t>(row_split, 1);
   const int64_t grain = grain_for(rows_per * g.OW * g.kH * g.kW);
   at::parallel_for(0, planes * row_split, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t plane = t / row_split, part = t % row_split;
-      const int64_t r0 = part * rows_per, r1 = std::min(g.OH, r0 + rows_per);
-      if (r0 < r1) f(plane / g.C, plane % g.C, r0, r1);
-    }
+    body([&](const auto& f) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / row_split, part = t % row_split;
+        const int64_t r0 = part * rows_per, r1 = std::min(g.OH, r0 + rows_per);
+        if (r0 < r1) f(plane / g.C, plane % g.C, r0, r1);
+      }
+    });
   });
+}
+
+template <typename F>
+void for_each_plane_rows(const Geometry& g, const F& f) {
+  for_each_plane_chunk(g, [&](const auto& tasks) { tasks(f); });
 }
 
 // True when t is stored (N, H, W, C) densely: the layout where C is the unit-stride
@@ -363,6 +371,275 @@ void max_pool2d_backward_nhwc(const at::Tensor& grad_output, const at::Tensor& i
   });
 }
 
+// Average pooling sums the input rows [h0, h1) and columns [w0, w1) of output (oh, ow)'s
+// window clipped to the input, and multiplies by 1 / divisor with torch's divisor rule.
+// The factors depend only on (oh, ow), so they are computed once per call into a table
+// that every plane shares (no division in the kernels); an empty window gets 0, which
+// torch outputs as 0 rather than 0/0.
+inline int64_t window_begin(int64_t o, int64_t stride, int64_t pad) { return std::max<int64_t>(o * stride - pad, 0); }
+inline int64_t window_end(int64_t o, int64_t kernel, int64_t stride, int64_t pad, int64_t size) {
+  return std::min(o * stride - pad + kernel, size);
+}
+
+template <typename acc_t>
+std::vector<acc_t> avg_scales(const Geometry& g, bool count_include_pad, int64_t divisor_override) {
+  std::vector<acc_t> scales(g.OH * g.OW);
+  for (int64_t oh = 0; oh < g.OH; ++oh) {
+    const int64_t hs = oh * g.sH - g.pH, he = std::min(hs + g.kH, g.H + g.pH);
+    const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(he, g.H);
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      const int64_t ws = ow * g.sW - g.pW, we = std::min(ws + g.kW, g.W + g.pW);
+      const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(we, g.W);
+      double scale = 0.0;
+      if (h0 < h1 && w0 < w1) {
+        const int64_t div = divisor_override != 0 ? divisor_override  // 0 stands for none
+                            : count_include_pad   ? (he - hs) * (we - ws)
+                                                  : (h1 - h0) * (w1 - w0);
+        scale = 1.0 / static_cast<double>(div);
+      }
+      scales[oh * g.OW + ow] = static_cast<acc_t>(scale);
+    }
+  }
+  return scales;
+}
+
+// ---- NCHW forward through phase-split rows. Along a row, output ow's tap kw reads
+// padded column ow * sW + kw * dW: split into sW phases (phase r holds padded columns
+// r, r + sW, r + 2 sW, ...), every tap is a unit-stride run of its phase, so the
+// reductions below vectorise over output columns whatever the stride. Padding is
+// filled with the reduction's identity (-inf: never taken by the max; 0 for the sum).
+// The windows are separable: each input row is reduced along its columns once (into a
+// ring of the last window-span rows), and each output row combines its window's rows.
+// Orders are torch's: rows top to bottom, columns left to right, a strictly larger
+// value or a NaN taking over, so ties and NaN pick the position torch picks.
+
+// How one input row splits into sW phases of L elements (phase r at r * L): position j
+// of phase r is input column j * sW + r - pad, inside the row for j in [begin[r], end[r])
+// and fill elsewhere. The bounds depend only on the geometry, so they are computed once.
+class RowSplit {
+ public:
+  RowSplit(int64_t W, int64_t sW, int64_t pad, int64_t L) : sW_(sW), pad_(pad), L_(L), begin_(sW), end_(sW) {
+    for (int64_t r = 0; r < sW; ++r) {
+      const int64_t off = r - pad;  // column of position 0
+      begin_[r] = std::min(L, off >= 0 ? int64_t{0} : (-off + sW - 1) / sW);
+      end_[r] = std::clamp(W - off > 0 ? (W - off + sW - 1) / sW : int64_t{0}, begin_[r], L);
+    }
+  }
+
+  // Copy row src (element stride sw) into dst's phases.
+  template <typename scalar_t, typename acc_t>
+  void operator()(const scalar_t* __restrict src, int64_t sw, acc_t fill, acc_t* __restrict dst) const {
+    const int64_t step = sW_ * sw;
+    for (int64_t r = 0; r < sW_; ++r) {
+      acc_t* __restrict d = dst + r * L_;
+      const int64_t j0 = begin_[r], j1 = end_[r];
+      std::fill(d, d + j0, fill);
+      const scalar_t* __restrict s = src + (j0 * sW_ + r - pad_) * sw;
+      if (step == 1) {
+        for (int64_t j = j0; j < j1; ++j) d[j] = static_cast<acc_t>(s[j - j0]);
+      } else if (step == 2) {  // stride-2 pooling of a dense row: a constant stride the compiler vectorises
+        for (int64_t j = j0; j < j1; ++j) d[j] = static_cast<acc_t>(s[2 * (j - j0)]);
+      } else {
+        for (int64_t j = j0; j < j1; ++j) d[j] = static_cast<acc_t>(s[(j - j0) * step]);
+      }
+      std::fill(d + j1, d + L_, fill);
+    }
+  }
+
+ private:
+  const int64_t sW_, pad_, L_;
+  std::vector<int64_t> begin_, end_;
+};
+
+// The row loops below run over n, a multiple of kLanes, in blocks of kLanes: whole
+// vectors with no scalar remainder (whose compare-and-branch code mispredicts on data).
+// The lanes past the row's outputs compute junk that is never stored.
+constexpr int64_t kLanes = 16;
+
+inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// best/pos over n outputs against candidates v[i] at positions base + i * step.
+template <typename acc_t>
+inline void max_run(const acc_t* __restrict v, int64_t n, int32_t base, int32_t step, acc_t* __restrict best,
+                    int32_t* __restrict pos) {
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes)
+    for (int64_t i = i0; i < i0 + kLanes; ++i) {
+      const bool take = (v[i] > best[i]) | (v[i] != v[i]);
+      best[i] = take ? v[i] : best[i];
+      pos[i] = take ? base + static_cast<int32_t>(i) * step : pos[i];
+    }
+}
+
+// best/pos over n outputs against candidates v[i] at positions base + at[i].
+template <typename acc_t>
+inline void max_rows(const acc_t* __restrict v, const int32_t* __restrict at, int64_t n, int32_t base,
+                     acc_t* __restrict best, int32_t* __restrict pos) {
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes)
+    for (int64_t i = i0; i < i0 + kLanes; ++i) {
+      const bool take = (v[i] > best[i]) | (v[i] != v[i]);
+      best[i] = take ? v[i] : best[i];
+      pos[i] = take ? base + at[i] : pos[i];
+    }
+}
+
+template <typename acc_t>
+inline void add_run(const acc_t* __restrict v, int64_t n, acc_t* __restrict acc) {
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes)
+    for (int64_t i = i0; i < i0 + kLanes; ++i) acc[i] += v[i];
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_max(const acc_t* __restrict best, const int32_t* __restrict pos, int64_t n, scalar_t* __restrict out,
+                      int64_t* __restrict idx) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(best[i]);
+    idx[i] = pos[i];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_product(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n, scalar_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(a[i] * b[i]);
+}
+
+// Use the phase-split kernels when rows are long enough to vectorise and plane
+// positions fit the int32 lanes.
+bool use_row_phases(const Geometry& g) {
+  return g.OW >= 4 && g.H * g.W <= std::numeric_limits<int32_t>::max();
+}
+
+// One plane's output rows [oh0, oh1) of max pooling (kMax) or the window sums times
+// scales (average pooling), any input and output strides.
+template <bool kMax, typename scalar_t, typename acc_t>
+class RowPhasePool {
+ public:
+  explicit RowPhasePool(const Geometry& g)
+      : g_(g),
+        n_(round_up_lanes(g.OW)),
+        L_(n_ + ((g.kW - 1) * g.dW) / g.sW),
+        slots_(ring_slots((g.kH - 1) * g.dH + 1)),
+        split_(g.W, g.sW, g.pW, L_),
+        phases_(g.sW * L_),
+        ring_(slots_ * n_),
+        ring_pos_(kMax ? slots_ * n_ : 0),
+        ring_row_(slots_, -1),
+        best_(n_),
+        pos_(kMax ? n_ : 0),
+        first_col_(kMax ? n_ : 0) {
+    for (int64_t ow = 0; ow < (kMax ? g.OW : 0); ++ow)
+      first_col_[ow] = static_cast<int32_t>(first_valid(ow * g.sW - g.pW, g.dW));
+  }
+
+  // scales: average pooling's per-output factors (OH * OW); out/idx: the plane's
+  // outputs with strides so (idx unused for the average).
+  void run(const scalar_t* plane, const Strides4& si, int64_t oh0, int64_t oh1, const acc_t* scales,
+           scalar_t* out, const Strides4& so, int64_t* idx, const Strides4& sx) {
+    const Geometry& g = g_;
+    std::fill(ring_row_.begin(), ring_row_.end(), -1);
+    const bool dense_out = so.w == 1 && (!kMax || sx.w == 1);
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const int64_t hs = oh * g.sH - g.pH;
+      const int64_t h0 = first_valid(hs, g.dH), h1 = std::min(hs + (g.kH - 1) * g.dH + 1, g.H);
+      acc_t* best = best_.data();
+      if constexpr (kMax) {
+        std::fill(best, best + n_, -std::numeric_limits<acc_t>::infinity());
+        const int32_t start = static_cast<int32_t>(h0 * g.W);
+        for (int64_t ow = 0; ow < n_; ++ow) pos_[ow] = start + first_col_[ow];
+      } else {
+        std::fill(best, best + n_, acc_t(0));
+      }
+      for (int64_t h = h0; h < h1; h += g.dH) {
+        const int64_t slot = reduce_row(plane, si, h);
+        if constexpr (kMax) {
+          max_rows(ring_.data() + slot * n_, ring_pos_.data() + slot * n_, n_, static_cast<int32_t>(h * g.W), best,
+                   pos_.data());
+        } else {
+          add_run(ring_.data() + slot * n_, n_, best);
+        }
+      }
+      if constexpr (kMax) {
+        if (dense_out) {
+          store_max(best, pos_.data(), g.OW, out + oh * so.h, idx + oh * sx.h);
+        } else {
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            out[oh * so.h + ow * so.w] = static_cast<scalar_t>(best[ow]);
+            idx[oh * sx.h + ow * sx.w] = pos_[ow];
+          }
+        }
+      } else {
+        const acc_t* f = scales + oh * g.OW;
+        if (dense_out) {
+          store_product(best, f, g.OW, out + oh * so.h);
+        } else {
+          for (int64_t ow = 0; ow < g.OW; ++ow) out[oh * so.h + ow * so.w] = static_cast<scalar_t>(best[ow] * f[ow]);
+        }
+      }
+    }
+  }
+
+ private:
+  static int64_t ring_slots(int64_t span) {
+    int64_t slots = 1;
+    while (slots < span) slots *= 2;
+    return slots;
+  }
+
+  // The ring slot holding input row h reduced along its columns (computed on first use).
+  int64_t reduce_row(const scalar_t* plane, const Strides4& si, int64_t h) {
+    const Geometry& g = g_;
+    const int64_t slot = h & (slots_ - 1);
+    if (ring_row_[slot] == h) return slot;
+    ring_row_[slot] = h;
+    const acc_t fill = kMax ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+    split_(plane + h * si.h, si.w, fill, phases_.data());
+    acc_t* v = ring_.data() + slot * n_;
+    std::fill(v, v + n_, fill);
+    for (int64_t kw = 0; kw < g.kW; ++kw) {
+      const int64_t tap = kw * g.dW;
+      const acc_t* run = phases_.data() + (tap % g.sW) * L_ + tap / g.sW;
+      if constexpr (kMax) {
+        max_run(run, n_, static_cast<int32_t>(tap - g.pW), static_cast<int32_t>(g.sW), v, ring_pos_.data() + slot * n_);
+      } else {
+        add_run(run, n_, v);
+      }
+    }
+    return slot;
+  }
+
+  const Geometry g_;
+  // n_: OW rounded up to whole vectors; slots_: the ring's rows, a power of two >= the
+  // window's row span, so the rows of one window sit in distinct slots h mod slots_.
+  const int64_t n_, L_, slots_;
+  const RowSplit split_;
+  std::vector<acc_t> phases_, ring_;
+  std::vector<int32_t> ring_pos_;
+  std::vector<int64_t> ring_row_;
+  std::vector<acc_t> best_;
+  std::vector<int32_t> pos_, first_col_;
+};
+
+// Run RowPhasePool over all planes; the workers' scratch is made once per chunk.
+template <bool kMax>
+void row_phase_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor* indices, const Geometry& g,
+                       bool count_include_pad, int64_t divisor_override) {
+  const Strides4 si(input), so(output), sx(indices ? *indices : output);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_pool2d_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scales =
+        kMax ? std::vector<acc_t>() : avg_scales<acc_t>(g, count_include_pad, divisor_override);
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    int64_t* idx = indices ? indices->mutable_data_ptr<int64_t>() : nullptr;
+    for_each_plane_chunk(g, [&](const auto& for_each_task) {
+      RowPhasePool<kMax, scalar_t, acc_t> pool(g);
+      for_each_task([&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
+        pool.run(in + n * si.n + c * si.c, si, oh0, oh1, scales.data(), out + n * so.n + c * so.c, so,
+                 idx ? idx + n * sx.n + c * sx.c : nullptr, sx);
+      });
+    });
+  });
+}
+
 }  // namespace
 
 void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor& indices,
@@ -377,6 +654,10 @@ void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const
   if (nhwc_dense(input) && nhwc_dense(output) && nhwc_dense(indices) &&
       g.H * g.W <= std::numeric_limits<int32_t>::max()) {
     max_pool2d_forward_nhwc(input, output, indices, g);
+    return;
+  }
+  if (use_row_phases(g)) {
+    row_phase_forward<true>(input, output, &indices, g, false, 0);
     return;
   }
   const Strides4 si(input), so(output), sx(indices);
@@ -471,38 +752,6 @@ void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indice
 
 namespace {
 
-// Average pooling sums the input rows [h0, h1) and columns [w0, w1) of output (oh, ow)'s
-// window clipped to the input, and multiplies by 1 / divisor with torch's divisor rule.
-// The factors depend only on (oh, ow), so they are computed once per call into a table
-// that every plane shares (no division in the kernels); an empty window gets 0, which
-// torch outputs as 0 rather than 0/0.
-inline int64_t window_begin(int64_t o, int64_t stride, int64_t pad) { return std::max<int64_t>(o * stride - pad, 0); }
-inline int64_t window_end(int64_t o, int64_t kernel, int64_t stride, int64_t pad, int64_t size) {
-  return std::min(o * stride - pad + kernel, size);
-}
-
-template <typename acc_t>
-std::vector<acc_t> avg_scales(const Geometry& g, bool count_include_pad, int64_t divisor_override) {
-  std::vector<acc_t> scales(g.OH * g.OW);
-  for (int64_t oh = 0; oh < g.OH; ++oh) {
-    const int64_t hs = oh * g.sH - g.pH, he = std::min(hs + g.kH, g.H + g.pH);
-    const int64_t h0 = std::max<int64_t>(hs, 0), h1 = std::min(he, g.H);
-    for (int64_t ow = 0; ow < g.OW; ++ow) {
-      const int64_t ws = ow * g.sW - g.pW, we = std::min(ws + g.kW, g.W + g.pW);
-      const int64_t w0 = std::max<int64_t>(ws, 0), w1 = std::min(we, g.W);
-      double scale = 0.0;
-      if (h0 < h1 && w0 < w1) {
-        const int64_t div = divisor_override != 0 ? divisor_override  // 0 stands for none
-                            : count_include_pad   ? (he - hs) * (we - ws)
-                                                  : (h1 - h0) * (w1 - w0);
-        scale = 1.0 / static_cast<double>(div);
-      }
-      scales[oh * g.OW + ow] = static_cast<acc_t>(scale);
-    }
-  }
-  return scales;
-}
-
 // Channels_last average pooling: one (n, oh) output row per task, channels innermost.
 void avg_pool2d_forward_nhwc(const at::Tensor& input, const at::Tensor& output, const Geometry& g,
                              bool count_include_pad, int64_t divisor_override) {
@@ -590,6 +839,10 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
   const Geometry g = geometry(input, output, kernel, stride, padding, one);
   if (nhwc_dense(input) && nhwc_dense(output)) {
     avg_pool2d_forward_nhwc(input, output, g, count_include_pad, divisor_override);
+    return;
+  }
+  if (use_row_phases(g)) {
+    row_phase_forward<false>(input, output, nullptr, g, count_include_pad, divisor_override);
     return;
   }
   const Strides4 si(input), so(output);
