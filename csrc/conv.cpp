@@ -60,11 +60,51 @@ inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t ou
 
 // ------------------------------------------------------------------ NCHW patches
 
+// Stride 1 with rows as wide as the output (OW == W: 'same' padding and the like): the
+// patch row of tap (r, s) over output rows [oh0, oh1) is the plane shifted by r*dh - ph
+// rows and woff columns, so it moves as one contiguous run instead of one short run per
+// output row (16-pixel rows of a deep layer cost more in per-row calls than in bytes).
+// Only the columns whose tap falls outside [0, W), [0, lo) and [hi, W) of each row, are
+// wrong in such a run; the callers zero them (im2col: in the patch; col2im: in the patch
+// gradient, before adding it).
+inline bool whole_plane_runs(const Geom& g) { return g.sh == 1 && g.sw == 1 && g.OW == g.W; }
+
+// For tap row offset hoff (= r*dh - ph) over output rows [oh0, oh1): the rows [a, b) whose
+// input row oh + hoff lies in [0, H), the run's start in the plane (negative when the tap
+// starts left of the plane) and the run's part [first, last) that lies inside the plane
+// (what lies outside is in border columns).
+struct PlaneRun {
+  int64_t a, b, start, first, last;
+};
+
+inline PlaneRun plane_run(const Geom& g, int64_t hoff, int64_t woff, int64_t oh0, int64_t oh1) {
+  PlaneRun p;
+  p.a = std::clamp(-hoff, oh0, oh1);
+  p.b = std::clamp(g.H - hoff, p.a, oh1);
+  p.start = (p.a + hoff) * g.W + woff;
+  const int64_t len = (p.b - p.a) * g.W;
+  p.first = std::min(len, std::max<int64_t>(0, -p.start));
+  p.last = std::max(p.first, std::min(len, g.H * g.W - p.start));
+  return p;
+}
+
+// Zero columns [0, lo) and [hi, W) of rows [0, rows) of a (rows, W) block.
+template <typename T>
+inline void zero_border_columns(T* __restrict block, int64_t rows, int64_t W, int64_t lo, int64_t hi) {
+  if (lo == 0 && hi == W) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = block + i * W;
+    std::fill(row, row + lo, T(0));
+    std::fill(row + hi, row + W, T(0));
+  }
+}
+
 // col (Cg*R*S, (oh1-oh0)*OW): the patches of output rows [oh0, oh1) of one image's group
 // (x points at its first channel plane).
 template <typename T>
 void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_t oh0, int64_t oh1) {
   const int64_t cols = (oh1 - oh0) * g.OW;
+  const bool runs = whole_plane_runs(g);
   for (int64_t c = 0; c < g.Cg(); ++c) {
     const T* plane = x + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
@@ -73,6 +113,15 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
+        if (runs) {
+          const PlaneRun p = plane_run(g, r * g.dh - g.ph, woff, oh0, oh1);
+          T* dst = row + (p.a - oh0) * g.W;
+          std::fill(row, dst, T(0));
+          std::fill(row + (p.b - oh0) * g.W, row + cols, T(0));
+          if (p.last > p.first) std::memcpy(dst + p.first, plane + p.start + p.first, (p.last - p.first) * sizeof(T));
+          zero_border_columns(dst, p.b - p.a, g.W, lo, hi);  // also the run's ends outside the plane
+          continue;
+        }
         for (int64_t oh = oh0; oh < oh1; ++oh) {
           T* dst = row + (oh - oh0) * g.OW;
           const int64_t h = oh * g.sh - g.ph + r * g.dh;
@@ -96,19 +145,33 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
   }
 }
 
-// dx planes (Cg, H, W) of one image's group += the patch gradients dcol
-// (Cg*R*S, (oh1-oh0)*OW) of output rows [oh0, oh1).
 template <typename T>
-void col2im_nchw(const T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t oh0, int64_t oh1) {
+inline void add_run(const T* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// dx planes (Cg, H, W) of one image's group += the patch gradients dcol
+// (Cg*R*S, (oh1-oh0)*OW) of output rows [oh0, oh1). dcol is the caller's scratch: the
+// whole-plane-run path zeroes its out-of-row columns.
+template <typename T>
+void col2im_nchw(T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t oh0, int64_t oh1) {
   const int64_t cols = (oh1 - oh0) * g.OW;
+  const bool runs = whole_plane_runs(g);
   for (int64_t c = 0; c < g.Cg(); ++c) {
     T* plane = dx + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
-        const T* row = dcol + ((c * g.R + r) * g.S + s) * cols;
+        T* row = dcol + ((c * g.R + r) * g.S + s) * cols;
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
+        if (runs) {
+          const PlaneRun p = plane_run(g, r * g.dh - g.ph, woff, oh0, oh1);
+          T* src = row + (p.a - oh0) * g.W;
+          zero_border_columns(src, p.b - p.a, g.W, lo, hi);
+          add_run(src + p.first, plane + p.start + p.first, p.last - p.first);
+          continue;
+        }
         for (int64_t oh = oh0; oh < oh1; ++oh) {
           const int64_t h = oh * g.sh - g.ph + r * g.dh;
           if (h < 0 || h >= g.H) continue;
@@ -792,7 +855,7 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
         at::mm_out(prod, wm.narrow(0, grp * Kg, Kg).t(), grad_all(dy, g, grp));
         // (N, Cg*RS, OHW): each image's columns contiguous for its col2im
         const at::Tensor dcol = prod.view({Cg * RS, g.N, OHW}).permute({1, 0, 2}).contiguous();
-        const scalar_t* pc = dcol.data_ptr<scalar_t>();
+        scalar_t* pc = dcol.data_ptr<scalar_t>();
         scalar_t* pdx = dx.data_ptr<scalar_t>();
         at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
           for (int64_t n = b; n < e; ++n)

@@ -28,6 +28,9 @@ CONV_CASES = [
     # one input channel per group: the C++ direct kernels (depthwise; a single-channel input)
     ((2, 6, 9, 8), (6, 1, 3, 2), dict(stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=6)),
     ((2, 1, 9, 8), (5, 1, 3, 3), dict(padding=1)),
+    # stride 1, output as wide as the input: C++ patches move as whole-plane runs; here taps
+    # reach a whole row or more outside the plane (kernel wider than the input)
+    ((2, 3, 3, 2), (4, 3, 5, 5), dict(padding=2)),
 ]
 
 # (input shape, weight shape, kwargs) of conv_transpose2d
