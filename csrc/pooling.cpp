@@ -503,9 +503,10 @@ inline void store_product(const acc_t* __restrict a, const acc_t* __restrict b, 
 }
 
 // Use the phase-split kernels when rows are long enough to vectorise and plane
-// positions fit the int32 lanes.
+// positions fit the int32 lanes (with room for the junk lanes past the row's end, whose
+// positions run less than kLanes * sW + 2 * kW * dW columns past the plane's last row).
 bool use_row_phases(const Geometry& g) {
-  return g.OW >= 4 && g.H * g.W <= std::numeric_limits<int32_t>::max();
+  return g.OW >= 4 && (g.H + 1) * g.W + kLanes * g.sW + 2 * g.kW * g.dW <= std::numeric_limits<int32_t>::max();
 }
 
 // One plane's output rows [oh0, oh1) of max pooling (kMax) or the window sums times
