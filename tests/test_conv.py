@@ -100,6 +100,42 @@ def test_cpp_patch_tiles(case, dtype):
         _compare("cpu", dtype, xs, ws, kwargs, transpose)
 
 
+# NCHW float32 planes that the C++ direct tap kernel (csrc/conv_taps.cpp) takes: at least
+# 192 output pixels, 8 output channels and rows of 8, forward and (stride 1) input gradient.
+TAP_CASES = [
+    ((2, 9, 14, 20), (12, 9, 3, 3), dict(padding=1)),                 # channel blocks with tails
+    ((2, 16, 30, 34), (16, 8, 3, 3), dict(stride=2, padding=(1, 2), dilation=(1, 2), groups=2)),
+    ((1, 3, 40, 60), (8, 3, 7, 7), dict(stride=(2, 3), padding=3)),  # one image: blocks over threads
+    ((2, 8, 16, 16), (8, 8, 3, 3), dict(padding=3)),                  # input gradient padding -1
+    ((2, 8, 16, 17), (10, 8, 4, 4), dict(padding="same")),            # asymmetric padding
+    ((2, 8, 30, 30), (16, 8, 1, 1), dict(stride=2)),                  # strided 1x1: one phase read
+]
+
+# conv_transpose2d whose forward is a strided input gradient the tap kernel runs phase by
+# phase (each phase of the output >= 192 pixels, 8 channels).
+TAP_TRANSPOSE_CASES = [
+    ((2, 16, 14, 16), (16, 8, 4, 4), dict(stride=2, padding=1)),      # the decoder layer's shape class
+    ((2, 16, 14, 16), (16, 8, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+    ((1, 16, 15, 17), (16, 8, 3, 3), dict(stride=(2, 3), padding=(1, 2), dilation=(2, 2), groups=2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TAP_CASES, ids=str)
+def test_cpp_direct_taps(case, dtype):
+    xs, ws, kwargs = case
+    with pyops.backend("cpp"):
+        _compare("cpu", dtype, xs, ws, kwargs, transpose=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TAP_TRANSPOSE_CASES, ids=str)
+def test_cpp_direct_taps_transposed(case, dtype):
+    xs, ws, kwargs = case
+    with pyops.backend("cpp"):
+        _compare("cpu", dtype, xs, ws, kwargs, transpose=True)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv2d_matches_torch(backend_device, dtype, case):

@@ -1,0 +1,353 @@
+// Direct NCHW float32 convolution by register-blocked taps.
+//
+// im2col + BLAS runs 3x3 convolutions at BLAS's rate on its worst operand shapes (64
+// output channels, 576-long reductions), about half this CPU's FMA peak. Here the
+// input is copied once per image into zero-padded planes, split by stride phase, so that
+// for output pixels numbered q = oh * Wq + ow (Wq >= OW: a row also holds the few
+// columns past the output's right edge) every tap (r, s) of every input channel reads
+// one contiguous run at a fixed offset from q. The patch matrix then never exists: a
+// micro-kernel holds an MR x NR block of outputs (MR output channels by NR consecutive
+// q) in vector registers, and for each input channel and tap loads NR inputs and
+// broadcasts MR weights, MR * NR / lanes independent FMAs per step. Columns past OW are
+// computed and dropped (the caller only takes shapes where they are a small share).
+//
+// Stride (sh, sw): phase (a, b) of a padded plane holds its rows a, a + sh, ... and
+// columns b, b + sw, ...; tap (r, s) reads phase ((r*dh) % sh, (s*dw) % sw) shifted by
+// ((r*dh) / sh, (s*dw) / sw), so every stride and dilation is a unit-stride read.
+//
+// Images are spread over threads when there are at least as many as threads, else each
+// image's output blocks are; every output element is written by one task (deterministic).
+#include "conv_taps.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace pyops {
+namespace {
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kHaveKernel = true;
+#else
+constexpr bool kHaveKernel = false;  // at::vec would emulate lanes in scalar code: im2col + BLAS is faster
+#endif
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// 24 accumulators of 32 zmm registers (AVX-512), 12 of 16 ymm (AVX2).
+constexpr int64_t MR = kLanes == 16 ? 8 : 4;
+constexpr int64_t NV = 3;
+constexpr int64_t NR = NV * kLanes;
+
+struct Layout {
+  int64_t Hq, Wq;     // phase plane size
+  int64_t phase;      // Hq * Wq
+  int64_t plane;      // sh * sw phases: one channel's padded input
+  int64_t Q, blocks;  // output positions q (OH * Wq) and NR-blocks of them
+  int64_t scratch;    // floats of one image's padded input, with the last block's overrun
+  std::vector<int64_t> offs;  // per tap: where its run starts, relative to q
+};
+
+Layout layout_of(const TapConv& c) {
+  Layout l;
+  l.Hq = c.OH + ((c.R - 1) * c.dh) / c.sh;
+  l.Wq = c.OW + ((c.S - 1) * c.dw) / c.sw;
+  l.phase = l.Hq * l.Wq;
+  l.plane = c.sh * c.sw * l.phase;
+  l.Q = c.OH * l.Wq;
+  l.blocks = (l.Q + NR - 1) / NR;
+  int64_t last = 0;
+  for (int64_t r = 0; r < c.R; ++r) {
+    for (int64_t s = 0; s < c.S; ++s) {
+      const int64_t a = (r * c.dh) % c.sh, b = (s * c.dw) % c.sw;
+      l.offs.push_back((a * c.sw + b) * l.phase + (r * c.dh) / c.sh * l.Wq + (s * c.dw) / c.sw);
+      last = std::max(last, l.offs.back());
+    }
+  }
+  // every channel's phases, and the last block's junk lanes, which read up to
+  // blocks * NR - 1 past the last channel's last tap start
+  l.scratch = std::max(c.Cin * l.plane, (c.Cin - 1) * l.plane + last + l.blocks * NR);
+  return l;
+}
+
+// Padded, phase-split copy of one image's Cin planes: P[c][a][b][i][j] = x[c, a + i*sh - ph,
+// b + j*sw - pw], zero outside the plane. Phases no tap reads are left as they are.
+void fill_padded(const float* __restrict x, float* __restrict P, const TapConv& c, const Layout& l,
+                 const std::vector<char>& row_phase_used, const std::vector<char>& col_phase_used) {
+  for (int64_t ch = 0; ch < c.Cin; ++ch) {
+    const float* xc = x + ch * c.H * c.W;
+    for (int64_t a = 0; a < c.sh; ++a) {
+      if (!row_phase_used[a]) continue;
+      for (int64_t b = 0; b < c.sw; ++b) {
+        if (!col_phase_used[b]) continue;
+        float* dst = P + ch * l.plane + (a * c.sw + b) * l.phase;
+        // columns j whose input column b + j*sw - pw lies in [0, W)
+        const int64_t off = b - c.pw;
+        int64_t lo = off >= 0 ? 0 : (-off + c.sw - 1) / c.sw;
+        int64_t hi = c.W - off <= 0 ? 0 : (c.W - off - 1) / c.sw + 1;
+        lo = std::min(lo, l.Wq);
+        hi = std::max(lo, std::min(hi, l.Wq));
+        for (int64_t i = 0; i < l.Hq; ++i, dst += l.Wq) {
+          const int64_t h = a + i * c.sh - c.ph;
+          if (h < 0 || h >= c.H || lo == hi) {
+            std::fill(dst, dst + l.Wq, 0.f);
+            continue;
+          }
+          std::fill(dst, dst + lo, 0.f);
+          const float* src = xc + h * c.W + lo * c.sw + off;
+          if (c.sw == 1) {
+            std::memcpy(dst + lo, src, (hi - lo) * sizeof(float));
+          } else {
+            for (int64_t j = lo; j < hi; ++j) dst[j] = src[(j - lo) * c.sw];
+          }
+          std::fill(dst + hi, dst + l.Wq, 0.f);
+        }
+      }
+    }
+  }
+}
+
+// Sums of at most about this many products run in one register chain; chains are then
+// added up in memory (blocked summation: float32 error like a BLAS's, not that of one
+// chain of thousands of terms).
+constexpr int64_t kChain = 96;
+
+// tile (MR, NR) (+)= sum over channels and taps of w (Cin, T, MR) x the NR-runs at xq + offs[t].
+void micro_kernel(const float* __restrict xq, int64_t plane, int64_t Cin, const int64_t* __restrict offs, int64_t T,
+                  const float* __restrict w, float* __restrict tile, bool accumulate) {
+  Vec acc[MR][NV];
+  for (int64_t i = 0; i < MR; ++i)
+    for (int64_t v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
+  for (int64_t ch = 0; ch < Cin; ++ch, xq += plane) {
+    for (int64_t t = 0; t < T; ++t, w += MR) {
+      const float* b = xq + offs[t];
+      Vec in[NV];
+      for (int64_t v = 0; v < NV; ++v) in[v] = Vec::loadu(b + v * kLanes);
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < MR; ++i) {
+        const Vec a(w[i]);
+        for (int64_t v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(a, in[v], acc[i][v]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < MR; ++i) {
+    for (int64_t v = 0; v < NV; ++v) {
+      float* dst = tile + i * NR + v * kLanes;
+      (accumulate ? acc[i][v] + Vec::loadu(dst) : acc[i][v]).store(dst);
+    }
+  }
+}
+
+// One NR-block of output positions [q0, q0 + NR) for every output channel of one image.
+void run_block(const float* P, const float* packed, float* y, const TapConv& c, const Layout& l, int64_t q0) {
+  alignas(64) float tile[MR * NR];
+  const int64_t T = c.R * c.S, k_blocks = (c.Kout + MR - 1) / MR;
+  const int64_t qe = std::min(q0 + NR, l.Q);
+  for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    const float* wk = packed + kb * c.Cin * T * MR;
+    const int64_t chunk = std::max<int64_t>(1, kChain / T);  // channels per register chain
+    for (int64_t c0 = 0; c0 < c.Cin; c0 += chunk) {
+      micro_kernel(P + q0 + c0 * l.plane, l.plane, std::min(chunk, c.Cin - c0), l.offs.data(), T, wk + c0 * T * MR,
+                   tile, c0 > 0);
+    }
+    const int64_t rows = std::min(MR, c.Kout - kb * MR);
+    // the block's positions row by row; columns >= OW are dropped
+    int64_t oh = q0 / l.Wq, ow = q0 - oh * l.Wq;
+    for (int64_t q = q0; q < qe; ++oh, ow = 0) {
+      const int64_t n = std::min(qe - q, l.Wq - ow), keep = std::max<int64_t>(std::min(n, c.OW - ow), 0);
+      if (keep > 0) {
+        for (int64_t i = 0; i < rows; ++i) {
+          float* dst = y + (kb * MR + i) * c.y_plane + oh * c.y_row + ow * c.y_col;
+          const float* src = tile + i * NR + (q - q0);
+          if (c.y_col == 1) {
+            std::memcpy(dst, src, keep * sizeof(float));
+          } else {
+            for (int64_t j = 0; j < keep; ++j) dst[j * c.y_col] = src[j];
+          }
+        }
+      }
+      q += n;
+    }
+  }
+}
+
+// Weight gradient as a sum of outer products over output pixels: for each valid pixel,
+// dT (pixel, Kpad), dy transposed with its channels zero-padded to whole vectors, times
+// the input each tap j = (channel, tap) reads there. A block of WKV vectors of output
+// channels by WJ taps sits in registers for the whole sum (no horizontal reductions);
+// only valid pixels enter, so the dropped columns never meet a gradient.
+constexpr int64_t WKV = 2;
+constexpr int64_t WJ = kLanes == 16 ? 12 : 5;
+constexpr int64_t WKL = WKV * kLanes;
+
+inline int64_t padded_channels(int64_t K) { return (K + WKL - 1) / WKL * WKL; }
+
+// dT (OH*OW, Kpad) = dy (K, OH*OW) transposed, zeros past K.
+void transpose_grad(const float* __restrict dy, float* __restrict dT, int64_t K, int64_t Kpad, int64_t pixels) {
+  for (int64_t q = 0; q < pixels; ++q) {
+    float* row = dT + q * Kpad;
+    for (int64_t k = 0; k < K; ++k) row[k] = dy[k * pixels + q];
+    std::fill(row + K, row + Kpad, 0.f);
+  }
+}
+
+// dwT (J, Kpad) rows [j0, j0 + WJ), columns [k0, k0 + WKL) += the block's sums for one image.
+void weight_grad_block(const float* __restrict dT, int64_t Kpad, const float* __restrict P, const TapConv& c,
+                       const Layout& l, int64_t k0, int64_t j0, float* __restrict dwT) {
+  const int64_t T = c.R * c.S, J = c.Cin * T, nj = std::min(WJ, J - j0);
+  const float* xs[WJ];
+  for (int64_t j = 0; j < WJ; ++j) {  // a tail block repeats its last tap
+    const int64_t jj = std::min(j0 + j, J - 1);
+    xs[j] = P + (jj / T) * l.plane + l.offs[jj % T];
+  }
+  const int64_t rows_per_chain = std::max<int64_t>(1, kChain / c.OW);
+  for (int64_t oh0 = 0; oh0 < c.OH; oh0 += rows_per_chain) {
+    Vec acc[WKV][WJ];
+    for (int64_t v = 0; v < WKV; ++v)
+      for (int64_t j = 0; j < WJ; ++j) acc[v][j] = Vec(0.f);
+    for (int64_t oh = oh0; oh < std::min(c.OH, oh0 + rows_per_chain); ++oh) {
+      const float* drow = dT + oh * c.OW * Kpad + k0;
+      const int64_t xq = oh * l.Wq;
+      for (int64_t ow = 0; ow < c.OW; ++ow, drow += Kpad) {
+        Vec dv[WKV];
+        for (int64_t v = 0; v < WKV; ++v) dv[v] = Vec::loadu(drow + v * kLanes);
+#pragma GCC unroll 12
+        for (int64_t j = 0; j < WJ; ++j) {
+          const Vec xv(xs[j][xq + ow]);
+          for (int64_t v = 0; v < WKV; ++v) acc[v][j] = at::vec::fmadd(dv[v], xv, acc[v][j]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      float* dst = dwT + (j0 + j) * Kpad + k0;
+      for (int64_t v = 0; v < WKV; ++v) (Vec::loadu(dst + v * kLanes) + acc[v][j]).store(dst + v * kLanes);
+    }
+  }
+}
+
+}  // namespace
+
+bool tap_conv_suits(const TapConv& c) {
+  if (!kHaveKernel) return false;
+  const int64_t extra = ((c.S - 1) * c.dw) / c.sw;
+  // dropped columns at most a fifth of the row, enough output channels to fill MR rows,
+  // and enough positions for whole blocks
+  return c.OW >= 8 && extra * 4 <= c.OW && c.Kout >= MR && c.OH * c.OW >= 4 * NR;
+}
+
+at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int64_t>& taps, int64_t w_taps,
+                         bool transposed) {
+  const int64_t T = c.R * c.S, k_blocks = (c.Kout + MR - 1) / MR;
+  TORCH_CHECK(static_cast<int64_t>(taps.size()) == T, "tap_conv_pack: expected ", T, " taps");
+  at::Tensor packed = at::zeros({k_blocks * c.Cin * T * MR}, at::TensorOptions().dtype(at::kFloat));
+  float* p = packed.data_ptr<float>();
+  at::parallel_for(0, k_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t kb = b0; kb < b1; ++kb) {
+      for (int64_t i = 0; i < MR && kb * MR + i < c.Kout; ++i) {  // reads filters, writes in L2
+        const int64_t k = kb * MR + i;
+        float* dst = p + kb * c.Cin * T * MR + i;
+        for (int64_t ch = 0; ch < c.Cin; ++ch) {
+          const float* src = w + (transposed ? ch * c.Kout + k : k * c.Cin + ch) * w_taps;
+          for (int64_t t = 0; t < T; ++t) dst[(ch * T + t) * MR] = src[taps[t]];
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapConv& c) {
+  const Layout l = layout_of(c);
+  std::vector<char> row_used(c.sh, 0), col_used(c.sw, 0);
+  for (int64_t r = 0; r < c.R; ++r) row_used[(r * c.dh) % c.sh] = 1;
+  for (int64_t s = 0; s < c.S; ++s) col_used[(s * c.dw) % c.sw] = 1;
+  const float* pw = packed.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  if (c.N >= threads && threads > 1) {
+    // images over threads, each with its own padded copy
+    at::Tensor scratch = at::zeros({threads, l.scratch}, packed.options());
+    const at::ThreadLocalState state;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard guard(state);
+      for (int64_t t = t0; t < t1; ++t) {
+        float* P = scratch.data_ptr<float>() + t * l.scratch;
+        for (int64_t n = t; n < c.N; n += threads) {
+          fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+          for (int64_t q0 = 0; q0 < l.Q; q0 += NR) run_block(P, pw, y + n * c.y_image, c, l, q0);
+        }
+      }
+    });
+  } else {
+    at::Tensor scratch = at::zeros({l.scratch}, packed.options());
+    float* P = scratch.data_ptr<float>();
+    for (int64_t n = 0; n < c.N; ++n) {
+      fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+      at::parallel_for(0, l.blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) run_block(P, pw, y + n * c.y_image, c, l, b * NR);
+      });
+    }
+  }
+}
+
+
+void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapConv& c) {
+  const Layout l = layout_of(c);
+  std::vector<char> row_used(c.sh, 0), col_used(c.sw, 0);
+  for (int64_t r = 0; r < c.R; ++r) row_used[(r * c.dh) % c.sh] = 1;
+  for (int64_t s = 0; s < c.S; ++s) col_used[(s * c.dw) % c.sw] = 1;
+  const int64_t J = c.Cin * c.R * c.S, Kpad = padded_channels(c.Kout), pixels = c.OH * c.OW;
+  const int64_t k_blocks = Kpad / WKL, j_blocks = (J + WJ - 1) / WJ;
+  const int64_t threads = at::get_num_threads();
+  const int64_t slots = (c.N >= threads && threads > 1) ? threads : 1;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor scratch = at::zeros({slots, l.scratch}, opts);
+  at::Tensor grads = at::empty({slots, pixels * Kpad}, opts);
+  at::Tensor partial = at::zeros({slots, J * Kpad}, opts);  // (J, Kpad) per slot
+  if (slots > 1) {
+    // images over threads into per-thread partial sums, added up in a fixed order
+    const at::ThreadLocalState state;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard guard(state);
+      for (int64_t t = t0; t < t1; ++t) {
+        float* P = scratch.data_ptr<float>() + t * l.scratch;
+        float* dT = grads.data_ptr<float>() + t * pixels * Kpad;
+        float* acc = partial.data_ptr<float>() + t * J * Kpad;
+        for (int64_t n = t; n < c.N; n += threads) {
+          fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+          transpose_grad(dy + n * c.y_image, dT, c.Kout, Kpad, pixels);
+          for (int64_t jb = 0; jb < j_blocks; ++jb)
+            for (int64_t kb = 0; kb < k_blocks; ++kb) weight_grad_block(dT, Kpad, P, c, l, kb * WKL, jb * WJ, acc);
+        }
+      }
+    });
+  } else {
+    float* P = scratch.data_ptr<float>();
+    float* dT = grads.data_ptr<float>();
+    float* acc = partial.data_ptr<float>();
+    for (int64_t n = 0; n < c.N; ++n) {  // images in order, each block's sum by one task
+      fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+      transpose_grad(dy + n * c.y_image, dT, c.Kout, Kpad, pixels);
+      at::parallel_for(0, k_blocks * j_blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b)
+          weight_grad_block(dT, Kpad, P, c, l, (b % k_blocks) * WKL, (b / k_blocks) * WJ, acc);
+      });
+    }
+  }
+  // dw (Kout, J) = the slots' (J, Kpad) sums, transposed, slot 0 first
+  const float* p = partial.data_ptr<float>();
+  at::parallel_for(0, c.Kout, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      for (int64_t j = 0; j < J; ++j) {
+        float sum = p[j * Kpad + k];
+        for (int64_t t = 1; t < slots; ++t) sum += p[(t * J + j) * Kpad + k];
+        dw[k * J + j] = sum;
+      }
+    }
+  });
+}
+
+}  // namespace pyops

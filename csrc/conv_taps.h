@@ -1,0 +1,36 @@
+// Direct NCHW float32 convolution by register-blocked taps (csrc/conv_taps.cpp), the CPU
+// path of conv2d's forward and its stride-1 input gradient where it beats im2col + BLAS.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace pyops {
+
+// One group of a convolution: Kout output planes (OH, OW) from Cin dense input planes
+// (H, W), taps (r, s) reading input (oh * sh + r * dh - ph, ow * sw + s * dw - pw); ph and
+// pw may be negative. Images are x_image / y_image elements apart; output element
+// (k, oh, ow) of an image is at k * y_plane + oh * y_row + ow * y_col.
+struct TapConv {
+  int64_t N, Cin, Kout, H, W, OH, OW, R, S, sh, sw, dh, dw, ph, pw, x_image, y_image, y_plane, y_row, y_col;
+};
+
+// Whether this build has the kernel (AVX-512 or AVX2) and whether it pays for this shape.
+bool tap_conv_suits(const TapConv& c);
+
+// The weights in the kernel's order: tap (r, s) takes tap taps[r * S + s] of w's w_taps
+// per filter, w being (Kout, Cin, w_taps) contiguous, or (transposed: the input
+// gradient's filter) (Cin, Kout, w_taps).
+at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int64_t>& taps, int64_t w_taps,
+                         bool transposed);
+
+// y (every image's Kout planes, overwritten) = the convolution of x with packed weights.
+void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapConv& c);
+
+// dw (Kout, Cin, R, S), overwritten = the weight gradient of dy (every image's Kout dense
+// planes, y_image apart) for input x.
+void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapConv& c);
+
+}  // namespace pyops
