@@ -66,9 +66,13 @@ std::vector<double> channel_values(const c10::optional<at::Tensor>& t, int64_t C
   if (!t.has_value() || !t->defined()) return out;
   TORCH_CHECK(t->device().is_cpu() && t->numel() == C, name, " must be a CPU tensor of ", C, " elements, got ",
               t->numel());
-  const at::Tensor d = t->to(at::kDouble).contiguous();
-  const double* p = d.const_data_ptr<double>();
-  std::copy(p, p + C, out.begin());
+  // read in place (no converted copy: small layers call this several times per step)
+  const at::Tensor flat = t->dim() == 1 ? *t : t->reshape({C});
+  const int64_t stride = flat.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, flat.scalar_type(), "batch_norm_channel_values", [&] {
+    const scalar_t* p = flat.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<double>(p[c * stride]);
+  });
   return out;
 }
 
