@@ -1204,7 +1204,9 @@ void channel_sum(const at::Tensor& grad, const at::Tensor& out, bool channels_la
   const at::Tensor gd = dense_as(grad, channels_last);
   const int64_t N = gd.size(0), K = gd.size(1), HW = gd.size(2) * gd.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gd.scalar_type(), "channel_sum", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    // double sums: a bias gradient adds up N*H*W values that often cancel to near zero,
+    // where float sums of a few thousand terms keep only ~1e-3 of absolute accuracy
+    using acc_t = double;
     const scalar_t* p = gd.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     if (!channels_last) {

@@ -145,6 +145,46 @@ def test_fuzz_conv_transpose2d(backend, device):
 
 
 @st.composite
+def direct_conv_cases(draw):
+    """float32 NCHW convolutions sized for the C++ direct tap kernels (csrc/conv_taps.cpp):
+    planes of 16-30 pixels a side, 8-13 channels per group, strides, dilations and
+    paddings up to beyond the filter's span (negative input-gradient padding)."""
+    groups = draw(st.sampled_from([1, 1, 2]))
+    transpose = draw(st.booleans())
+    k = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    out_pad = (0, 0)
+    if transpose:
+        out_pad = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+        padding = tuple(min(p, d * (kk - 1)) for p, d, kk in zip(padding, dilation, k))
+    return {"n": draw(st.sampled_from([1, 2, 3])), "cin": groups * draw(st.integers(8, 13)),
+            "cout": groups * draw(st.integers(8, 13)), "k": k, "stride": stride, "dilation": dilation,
+            "padding": padding, "hw": (draw(st.integers(16, 30)), draw(st.integers(16, 30))), "groups": groups,
+            "out_pad": out_pad, "bias": draw(st.booleans()), "layout": draw(st.sampled_from(["contiguous", "strided"])),
+            "dtype": torch.float32, "unbatched": False, "transpose": transpose}
+
+
+def test_fuzz_conv_direct_taps():
+    @fuzz_settings("cpp")
+    @given(direct_conv_cases())
+    def run(c):
+        kw = {"stride": c["stride"], "padding": c["padding"], "dilation": c["dilation"], "groups": c["groups"]}
+        ours, theirs = pyops.functional.conv2d, F.conv2d
+        if c["transpose"]:
+            kw["output_padding"] = c["out_pad"]
+            ours, theirs = pyops.functional.conv_transpose2d, F.conv_transpose2d
+        # gradients here are float32 sums of up to 2700 terms of size ~1 (bias: of the
+        # output gradient, whose sum cancels to ~0): rounding reaches ~1e-4 absolute
+        with pyops.backend("cpp"):
+            _check(lambda x, w, b: ours(x, w, b, **kw), lambda x, w, b: theirs(x, w, b, **kw),
+                   _conv_inputs(c, c["transpose"]), c["dtype"], "cpu", atol=2e-3)
+
+    run()
+
+
+@st.composite
 def pool_cases(draw, max_pool):
     k = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
