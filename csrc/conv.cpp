@@ -57,15 +57,6 @@ Geom make_geom(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, at
               y.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups};
 }
 
-// [lo, hi): the output columns whose tap (offset = s*dw - pw) lands inside [0, W).
-inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t& lo, int64_t& hi) {
-  // o*stride + offset >= 0  and  o*stride + offset < size
-  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
-  hi = size - offset <= 0 ? 0 : (size - offset - 1) / stride + 1;
-  lo = std::min(lo, out);
-  hi = std::max(lo, std::min(hi, out));
-}
-
 // ------------------------------------------------------------------ NCHW patches
 
 // Stride 1 with rows as wide as the output (OW == W: 'same' padding and the like): the

@@ -50,6 +50,7 @@ struct Layout {
   int64_t Q, blocks;  // output positions q (OH * Wq) and NR-blocks of them
   int64_t scratch;    // floats of one image's padded input, with the last block's overrun
   std::vector<int64_t> offs;  // per tap: where its run starts, relative to q
+  std::vector<char> row_used, col_used;  // the stride phases some tap reads
 };
 
 Layout layout_of(const TapConv& c) {
@@ -60,6 +61,10 @@ Layout layout_of(const TapConv& c) {
   l.plane = c.sh * c.sw * l.phase;
   l.Q = c.OH * l.Wq;
   l.blocks = (l.Q + NR - 1) / NR;
+  l.row_used.assign(c.sh, 0);
+  l.col_used.assign(c.sw, 0);
+  for (int64_t r = 0; r < c.R; ++r) l.row_used[(r * c.dh) % c.sh] = 1;
+  for (int64_t s = 0; s < c.S; ++s) l.col_used[(s * c.dw) % c.sw] = 1;
   int64_t last = 0;
   for (int64_t r = 0; r < c.R; ++r) {
     for (int64_t s = 0; s < c.S; ++s) {
@@ -76,21 +81,18 @@ Layout layout_of(const TapConv& c) {
 
 // Padded, phase-split copy of one image's Cin planes: P[c][a][b][i][j] = x[c, a + i*sh - ph,
 // b + j*sw - pw], zero outside the plane. Phases no tap reads are left as they are.
-void fill_padded(const float* __restrict x, float* __restrict P, const TapConv& c, const Layout& l,
-                 const std::vector<char>& row_phase_used, const std::vector<char>& col_phase_used) {
+void fill_padded(const float* __restrict x, float* __restrict P, const TapConv& c, const Layout& l) {
   for (int64_t ch = 0; ch < c.Cin; ++ch) {
     const float* xc = x + ch * c.H * c.W;
     for (int64_t a = 0; a < c.sh; ++a) {
-      if (!row_phase_used[a]) continue;
+      if (!l.row_used[a]) continue;
       for (int64_t b = 0; b < c.sw; ++b) {
-        if (!col_phase_used[b]) continue;
+        if (!l.col_used[b]) continue;
         float* dst = P + ch * l.plane + (a * c.sw + b) * l.phase;
         // columns j whose input column b + j*sw - pw lies in [0, W)
         const int64_t off = b - c.pw;
-        int64_t lo = off >= 0 ? 0 : (-off + c.sw - 1) / c.sw;
-        int64_t hi = c.W - off <= 0 ? 0 : (c.W - off - 1) / c.sw + 1;
-        lo = std::min(lo, l.Wq);
-        hi = std::max(lo, std::min(hi, l.Wq));
+        int64_t lo, hi;
+        valid_range(off, c.sw, c.W, l.Wq, lo, hi);
         for (int64_t i = 0; i < l.Hq; ++i, dst += l.Wq) {
           const int64_t h = a + i * c.sh - c.ph;
           if (h < 0 || h >= c.H || lo == hi) {
@@ -262,9 +264,6 @@ at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int
 
 void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapConv& c) {
   const Layout l = layout_of(c);
-  std::vector<char> row_used(c.sh, 0), col_used(c.sw, 0);
-  for (int64_t r = 0; r < c.R; ++r) row_used[(r * c.dh) % c.sh] = 1;
-  for (int64_t s = 0; s < c.S; ++s) col_used[(s * c.dw) % c.sw] = 1;
   const float* pw = packed.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
   if (c.N >= threads && threads > 1) {
@@ -276,7 +275,7 @@ void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapC
       for (int64_t t = t0; t < t1; ++t) {
         float* P = scratch.data_ptr<float>() + t * l.scratch;
         for (int64_t n = t; n < c.N; n += threads) {
-          fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+          fill_padded(x + n * c.x_image, P, c, l);
           for (int64_t q0 = 0; q0 < l.Q; q0 += NR) run_block(P, pw, y + n * c.y_image, c, l, q0);
         }
       }
@@ -285,7 +284,7 @@ void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapC
     at::Tensor scratch = at::zeros({l.scratch}, packed.options());
     float* P = scratch.data_ptr<float>();
     for (int64_t n = 0; n < c.N; ++n) {
-      fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+      fill_padded(x + n * c.x_image, P, c, l);
       at::parallel_for(0, l.blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) run_block(P, pw, y + n * c.y_image, c, l, b * NR);
       });
@@ -296,9 +295,6 @@ void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapC
 
 void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapConv& c) {
   const Layout l = layout_of(c);
-  std::vector<char> row_used(c.sh, 0), col_used(c.sw, 0);
-  for (int64_t r = 0; r < c.R; ++r) row_used[(r * c.dh) % c.sh] = 1;
-  for (int64_t s = 0; s < c.S; ++s) col_used[(s * c.dw) % c.sw] = 1;
   const int64_t J = c.Cin * c.R * c.S, Kpad = padded_channels(c.Kout), pixels = c.OH * c.OW;
   const int64_t k_blocks = Kpad / WKL, j_blocks = (J + WJ - 1) / WJ;
   const int64_t threads = at::get_num_threads();
@@ -317,7 +313,7 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
         float* dT = grads.data_ptr<float>() + t * pixels * Kpad;
         float* acc = partial.data_ptr<float>() + t * J * Kpad;
         for (int64_t n = t; n < c.N; n += threads) {
-          fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+          fill_padded(x + n * c.x_image, P, c, l);
           transpose_grad(dy + n * c.y_image, dT, c.Kout, Kpad, pixels);
           for (int64_t jb = 0; jb < j_blocks; ++jb)
             for (int64_t kb = 0; kb < k_blocks; ++kb) weight_grad_block(dT, Kpad, P, c, l, kb * WKL, jb * WJ, acc);
@@ -329,7 +325,7 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
     float* dT = grads.data_ptr<float>();
     float* acc = partial.data_ptr<float>();
     for (int64_t n = 0; n < c.N; ++n) {  // images in order, each block's sum by one task
-      fill_padded(x + n * c.x_image, P, c, l, row_used, col_used);
+      fill_padded(x + n * c.x_image, P, c, l);
       transpose_grad(dy + n * c.y_image, dT, c.Kout, Kpad, pixels);
       at::parallel_for(0, k_blocks * j_blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)

@@ -4,10 +4,20 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 namespace pyops {
+
+// [lo, hi): the outputs o in [0, out) whose input o * stride + offset lies in [0, size)
+// (im2col's tap columns, the padded copies' in-plane columns).
+inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out, int64_t& lo, int64_t& hi) {
+  lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  hi = size - offset <= 0 ? 0 : (size - offset - 1) / stride + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
 
 // One group of a convolution: Kout output planes (OH, OW) from Cin dense input planes
 // (H, W), taps (r, s) reading input (oh * sh + r * dh - ph, ow * sw + s * dw - pw); ph and
