@@ -15,10 +15,11 @@
 // results do not vary from run to run. float16/bfloat16 are computed in float32.
 //
 // NCHW float32 convolutions with planes of at least 192 output pixels (and 8 output
-// channels) skip the patch matrix: csrc/conv_taps.cpp runs the forward, the stride-1
-// input gradient and the weight gradient as register-blocked direct kernels, which
-// reach about 1.4x BLAS's rate on these operand shapes. Small planes (deep layers),
-// float64, channels_last and 1x1 stride-1 convolutions stay on the GEMM paths here.
+// channels) skip the patch matrix: csrc/conv_taps.cpp runs the forward, the input
+// gradient (one stride-1 part per stride phase) and the weight gradient as
+// register-blocked direct kernels, which reach 1.3-1.4x BLAS's rate on these operand
+// shapes. Small planes (deep layers), float64, channels_last and 1x1 stride-1
+// convolutions stay on the GEMM paths here.
 //
 // Padding is the top/left padding; the output size (taken from the output tensor)
 // fixes the bottom/right one, so torch's asymmetric padding='same' needs nothing else.

@@ -1,5 +1,6 @@
-// Direct NCHW float32 convolution by register-blocked taps (csrc/conv_taps.cpp), the CPU
-// path of conv2d's forward and its stride-1 input gradient where it beats im2col + BLAS.
+// Direct NCHW float32 convolution by register-blocked taps (csrc/conv_taps.cpp): the CPU
+// path of conv2d's forward and gradients (and conv_transpose2d's forward) where it beats
+// im2col + BLAS.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -121,19 +121,12 @@ TAP_TRANSPOSE_CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", TAP_CASES, ids=str)
-def test_cpp_direct_taps(case, dtype):
+@pytest.mark.parametrize("transpose,case", [(False, c) for c in TAP_CASES] + [(True, c) for c in TAP_TRANSPOSE_CASES],
+                         ids=str)
+def test_cpp_direct_taps(transpose, case, dtype):
     xs, ws, kwargs = case
     with pyops.backend("cpp"):
-        _compare("cpu", dtype, xs, ws, kwargs, transpose=False)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("case", TAP_TRANSPOSE_CASES, ids=str)
-def test_cpp_direct_taps_transposed(case, dtype):
-    xs, ws, kwargs = case
-    with pyops.backend("cpp"):
-        _compare("cpu", dtype, xs, ws, kwargs, transpose=True)
+        _compare("cpu", dtype, xs, ws, kwargs, transpose)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
