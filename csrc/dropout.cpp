@@ -18,6 +18,77 @@ namespace pyops {
 namespace {
 
 constexpr int64_t kGrainCounters = 4096;
+constexpr int64_t kBatchElems = kPhiloxBatch * 4;
+
+// Bit j of a 16-bit mask moves to bit 4j.
+inline uint64_t spread4(uint64_t x) {
+  x &= 0xFFFFu;
+  x = (x | (x << 24)) & 0x000000FF000000FFull;
+  x = (x | (x << 12)) & 0x000F000F000F000Full;
+  x = (x | (x << 6)) & 0x0303030303030303ull;
+  x = (x | (x << 3)) & 0x1111111111111111ull;
+  return x;
+}
+
+// Bit 4j + k set: element 4j + k of the batch of counters from `counter` (word k of
+// counter j) is kept, i.e. (word >> 8) >= threshold, i.e. word >= threshold << 8.
+inline uint64_t keep_bits(uint64_t counter, const PhiloxKeys& key, uint32_t threshold) {
+  uint64_t bits = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // The words stay in registers: stored and reloaded, they stall on store forwarding.
+  Philox8 lo, hi;
+  philox_16(counter, key, lo, hi);
+  const __m512i low_half = _mm512_set1_epi64(0xFFFFFFFFll);
+  const __m512i t = _mm512_set1_epi64(static_cast<long long>(static_cast<uint64_t>(threshold) << 8));
+  for (int k = 0; k < 4; ++k) {
+    const uint64_t m_lo = _mm512_cmpge_epu64_mask(_mm512_and_si512(lo.w[k], low_half), t);
+    const uint64_t m_hi = _mm512_cmpge_epu64_mask(_mm512_and_si512(hi.w[k], low_half), t);
+    bits |= spread4(m_lo | (m_hi << 8)) << k;
+  }
+#else
+  uint32_t words[4][kPhiloxBatch];
+  philox_batch(counter, key, words);
+  for (int k = 0; k < 4; ++k)
+    for (int j = 0; j < kPhiloxBatch; ++j)
+      bits |= static_cast<uint64_t>((words[k][j] >> 8) >= threshold) << (4 * j + k);
+#endif
+  return bits;
+}
+
+// dst[k] = src[k] * (bit k ? scale : 0) for the k < len elements of one batch. A dropped
+// NaN stays NaN (NaN * 0), as in torch.
+template <typename scalar_t, typename opmath_t>
+inline void apply_batch(const scalar_t* src, scalar_t* dst, int64_t len, uint64_t bits, opmath_t scale) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (len == kBatchElems) {
+      const __m512 s = _mm512_set1_ps(scale);
+      for (int q = 0; q < 4; ++q) {
+        const __m512 mult = _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> (16 * q)), s);
+        _mm512_storeu_ps(dst + 16 * q, _mm512_mul_ps(_mm512_loadu_ps(src + 16 * q), mult));
+      }
+      return;
+    }
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (len == kBatchElems) {
+      const __m512d s = _mm512_set1_pd(scale);
+      for (int q = 0; q < 8; ++q) {
+        const __m512d mult = _mm512_maskz_mov_pd(static_cast<__mmask8>(bits >> (8 * q)), s);
+        _mm512_storeu_pd(dst + 8 * q, _mm512_mul_pd(_mm512_loadu_pd(src + 8 * q), mult));
+      }
+      return;
+    }
+  }
+#endif
+  alignas(64) opmath_t m[kBatchElems];
+  for (int64_t k = 0; k < kBatchElems; ++k) m[k] = ((bits >> k) & 1u) ? scale : opmath_t(0);
+  int64_t k = 0;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    for (; k + Vec::size() <= len; k += Vec::size()) (Vec::loadu(src + k) * Vec::loadu(m + k)).store(dst + k);
+  }
+  for (; k < len; ++k) dst[k] = static_cast<scalar_t>(static_cast<opmath_t>(src[k]) * m[k]);
+}
 
 }  // namespace
 
@@ -33,8 +104,8 @@ void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Ten
   TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 24),
               "threshold must be in [0, 2^24], got ", threshold);
   const auto so = seed_offset.contiguous();
-  const uint64_t seed = static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]);
-  const uint64_t offset = static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1]);
+  const PhiloxKeys key(static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]),
+                       static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1]));
   const int64_t n = input.numel();
   const int64_t n_counters = (n + 3) / 4;
   const uint32_t thr = static_cast<uint32_t>(threshold);
@@ -45,28 +116,11 @@ void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Ten
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_counters, kGrainCounters, [&](int64_t cbegin, int64_t cend) {
-      // Locals, not captured references: the compiler must see that the stores
-      // below cannot change them, or it will not vectorise the mask loop.
-      const uint32_t t = thr;
-      const opmath_t sc = s;
-      uint32_t words[kPhiloxBatch][4];
       for (int64_t c = cbegin; c < cend; c += kPhiloxBatch) {
-        philox_batch(static_cast<uint64_t>(c), seed, offset, words);
-        // words, read flat, hold one word per element in element order.
-        const uint32_t* w = &words[0][0];
+        const uint64_t bits = keep_bits(static_cast<uint64_t>(c), key, thr);
         const int64_t first = c * 4;
         const int64_t len = std::min<int64_t>(n, std::min<int64_t>(c + kPhiloxBatch, cend) * 4) - first;
-        const scalar_t* src = in + first;
-        scalar_t* dst = o + first;
-        alignas(64) opmath_t m[kPhiloxBatch * 4];
-        for (int64_t k = 0; k < kPhiloxBatch * 4; ++k) m[k] = (w[k] >> 8) >= t ? sc : opmath_t(0);
-        int64_t k = 0;
-        if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-          using Vec = at::vec::Vectorized<scalar_t>;
-          for (; k + Vec::size() <= len; k += Vec::size())
-            (Vec::loadu(src + k) * Vec::loadu(m + k)).store(dst + k);
-        }
-        for (; k < len; ++k) dst[k] = static_cast<scalar_t>(static_cast<opmath_t>(src[k]) * m[k]);
+        apply_batch<scalar_t, opmath_t>(in + first, o + first, len, bits, s);
       }
     });
   });
@@ -79,13 +133,13 @@ at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n)
   TORCH_CHECK(n >= 0, "n must be non-negative, got ", n);
   auto out = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.mutable_data_ptr<int64_t>();
-  uint32_t words[kPhiloxBatch][4];
+  const PhiloxKeys key(static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+  uint32_t words[4][kPhiloxBatch];
   for (int64_t c = 0; c < n; c += kPhiloxBatch) {
     const int64_t count = std::min<int64_t>(kPhiloxBatch, n - c);
-    philox_batch(static_cast<uint64_t>(first) + static_cast<uint64_t>(c), static_cast<uint64_t>(seed),
-                 static_cast<uint64_t>(offset), words);
+    philox_batch(static_cast<uint64_t>(first) + static_cast<uint64_t>(c), key, words);
     for (int64_t j = 0; j < count; ++j)
-      for (int k = 0; k < 4; ++k) o[(c + j) * 4 + k] = words[j][k];
+      for (int k = 0; k < 4; ++k) o[(c + j) * 4 + k] = words[k][j];
   }
   return out;
 }
