@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _conv, _pool
+from ._library import apply_function
 from .ops.batch_norm import BatchNormFunction
 from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
 from .ops.dropout import DropoutFunction, draw_seed_offset
@@ -36,7 +37,7 @@ def sigmoid(input: Tensor) -> Tensor:
         raise RuntimeError(f"sigmoid(): pyops has no complex kernels, got {input.dtype}")
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
-    return SigmoidFunction.apply(input)
+    return apply_function(SigmoidFunction, input)
 
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
@@ -80,7 +81,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     """
     x, kernel, stride, padding, dilation = _pool_args(input, kernel_size, stride, padding, dilation,
                                                       bool(ceil_mode), "max_pool2d", True)
-    out, indices = MaxPool2dFunction.apply(x, (kernel, stride, padding, dilation, bool(ceil_mode)))
+    out, indices = apply_function(MaxPool2dFunction, x, (kernel, stride, padding, dilation, bool(ceil_mode)))
     if input.dim() == 3:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -97,8 +98,8 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
         raise RuntimeError("avg_pool2d: divisor must be not zero")
     x, kernel, stride, padding, _ = _pool_args(input, kernel_size, stride, padding, 1, bool(ceil_mode),
                                                "avg_pool2d", False)
-    out = AvgPool2dFunction.apply(x, (kernel, stride, padding, bool(ceil_mode), bool(count_include_pad),
-                                      int(divisor_override or 0)))
+    geometry = (kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), int(divisor_override or 0))
+    out = apply_function(AvgPool2dFunction, x, geometry)
     return out.squeeze(0) if input.dim() == 3 else out
 
 
@@ -140,8 +141,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
                            f"channels instead")
     _conv.check_bias(weight, bias, weight.shape[0])
     out_hw = _conv.conv_output_size(x, weight, stride, pad_total, dilation)
-    out = Conv2dFunction.apply(x, weight, bias, list(stride), list(pad), list(dilation), groups, list(out_hw),
-                               _conv.conv_channels_last(x, weight))
+    out = apply_function(Conv2dFunction, x, weight, bias, list(stride), list(pad), list(dilation), groups,
+                         list(out_hw), _conv.conv_channels_last(x, weight))
     return out.squeeze(0) if unbatched else out
 
 
@@ -168,8 +169,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                            f"to have {weight.shape[0]} channels, but got {x.shape[1]} channels instead")
     _conv.check_bias(weight, bias, weight.shape[1] * groups)
     out_hw = _conv.transpose_output_size(x, weight, stride, pad, output_padding, dilation)
-    out = ConvTranspose2dFunction.apply(x, weight, bias, list(stride), list(pad), list(dilation), groups,
-                                        list(out_hw), _conv.conv_channels_last(x, weight))
+    out = apply_function(ConvTranspose2dFunction, x, weight, bias, list(stride), list(pad), list(dilation),
+                         groups, list(out_hw), _conv.conv_channels_last(x, weight))
     return out.squeeze(0) if unbatched else out
 
 
@@ -227,5 +228,5 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     input's dtype and memory format.
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    return BatchNormFunction.apply(input, running_mean, running_var, weight, bias, bool(training),
-                                   float(momentum if momentum is not None else 0.0), float(eps))
+    return apply_function(BatchNormFunction, input, running_mean, running_var, weight, bias, bool(training),
+                          float(momentum if momentum is not None else 0.0), float(eps))

@@ -127,3 +127,42 @@ def test_eager_shortcut_keeps_operators_visible_to_modes(name):
     assert any(s.startswith("pyops.") and "forward" in s or s.startswith("pyops.batch_norm_stats") for s in seen), seen
     assert any(s.startswith("pyops.") and ("backward" in s or "grad" in s) for s in seen), seen
     assert torch.equal(moded[0], eager) and torch.equal(x.grad, grad)
+
+
+@pytest.mark.parametrize("name", ["avg_pool2d", "max_pool2d", "sigmoid", "batch_norm", "conv2d", "conv_transpose2d"])
+def test_no_autograd_node_without_grad(name, monkeypatch):
+    """With no argument needing a gradient (torch.no_grad, or none requires it) the
+    functional calls run the Function's forward without Function.apply; with one that
+    needs it they go through apply. The two give the same result."""
+    from pyops.ops import batch_norm, conv, pooling, sigmoid
+
+    x = torch.randn(2, 3, 6, 6)
+    w = torch.randn(3, 3, 3, 3)
+    classes = {"avg_pool2d": pooling.AvgPool2dFunction, "max_pool2d": pooling.MaxPool2dFunction,
+               "sigmoid": sigmoid.SigmoidFunction, "batch_norm": batch_norm.BatchNormFunction,
+               "conv2d": conv.Conv2dFunction, "conv_transpose2d": conv.ConvTranspose2dFunction}
+    rm, rv = torch.zeros(3), torch.ones(3)
+    calls = {
+        "avg_pool2d": lambda t: pyops.functional.avg_pool2d(t, 2),
+        "max_pool2d": lambda t: pyops.functional.max_pool2d(t, 2),
+        "sigmoid": lambda t: pyops.functional.sigmoid(t),
+        "batch_norm": lambda t: pyops.functional.batch_norm(t, rm, rv, training=True),
+        "conv2d": lambda t: pyops.functional.conv2d(t, w),
+        "conv_transpose2d": lambda t: pyops.functional.conv_transpose2d(t, w, stride=2),
+    }
+    with_graph = calls[name](x.clone().requires_grad_())
+    assert with_graph.grad_fn is not None
+    rm_graph = rm.clone()
+    rm.zero_()
+
+    def refuse(*args):
+        raise AssertionError("Function.apply called without a gradient to track")
+
+    monkeypatch.setattr(classes[name], "apply", refuse)
+    plain = calls[name](x)
+    with torch.no_grad():
+        no_grad = calls[name](x.clone().requires_grad_())
+    assert plain.grad_fn is None and no_grad.grad_fn is None
+    assert torch.equal(plain, with_graph.detach()) and torch.equal(no_grad, plain)
+    if name == "batch_norm":  # both calls moved the running mean as the first did: 0.1 m, then 0.9 * 0.1 m + 0.1 m
+        assert torch.allclose(rm, rm_graph * 1.9, rtol=1e-6)
