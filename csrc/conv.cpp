@@ -99,17 +99,46 @@ inline void zero_border_columns(T* __restrict block, int64_t rows, int64_t W, in
   }
 }
 
-// col (Cg*R*S, (oh1-oh0)*OW): the patches of output rows [oh0, oh1) of one image's group
-// (x points at its first channel plane).
+// Patch rows of at most this many pixels (2x2 to 4x4 planes) are built element by element.
+constexpr int64_t kTinyPatchRow = 16;
+
+// col (Cg*R*S, (oh1-oh0)*OW), rows ld apart (default: packed): the patches of output rows
+// [oh0, oh1) of channels [c0, c1) (default: all) of one image's group (x points at its
+// first channel plane).
+
 template <typename T>
-void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_t oh0, int64_t oh1) {
+void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_t oh0, int64_t oh1,
+                 int64_t ld = -1, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t cols = (oh1 - oh0) * g.OW;
+  if (ld < 0) ld = cols;
+  if (c1 < 0) c1 = g.Cg();
+  if (cols <= kTinyPatchRow) {  // element loops: a call per run of 1-16 elements costs more than its data
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* plane = x + c * g.H * g.W;
+      for (int64_t r = 0; r < g.R; ++r) {
+        for (int64_t s = 0; s < g.S; ++s) {
+          T* row = col + ((c * g.R + r) * g.S + s) * ld;
+          int64_t lo, hi;
+          const int64_t woff = s * g.dw - g.pw;
+          valid_range(woff, g.sw, g.W, g.OW, lo, hi);
+          for (int64_t oh = oh0; oh < oh1; ++oh) {
+            T* dst = row + (oh - oh0) * g.OW;
+            const int64_t h = oh * g.sh - g.ph + r * g.dh;
+            const bool in = h >= 0 && h < g.H;
+            const T* src = plane + (in ? h : 0) * g.W + woff;
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = in && ow >= lo && ow < hi ? src[ow * g.sw] : T(0);
+          }
+        }
+      }
+    }
+    return;
+  }
   const bool runs = whole_plane_runs(g);
-  for (int64_t c = 0; c < g.Cg(); ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const T* plane = x + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
-        T* row = col + ((c * g.R + r) * g.S + s) * cols;
+        T* row = col + ((c * g.R + r) * g.S + s) * ld;
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
@@ -421,14 +450,17 @@ void run_taps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
 template <typename T>
 at::Tensor im2col_all(const at::Tensor& x, const Geom& g, int64_t grp) {
   const int64_t Cg = g.Cg(), RS = g.R * g.S, OHW = g.OH * g.OW;
-  at::Tensor cols = at::empty({g.N, Cg * RS, OHW}, x.options());
   const T* px = x.data_ptr<T>();
+  at::Tensor cols = at::empty({Cg * RS, g.N * OHW}, x.options());
   T* pc = cols.data_ptr<T>();
-  at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n)
-      im2col_nchw<T>(px + (n * g.C + grp * Cg) * g.H * g.W, pc + n * Cg * RS * OHW, g, 0, g.OH);
+  // Image n fills columns [n*OHW, (n+1)*OHW) of every row, so no permuted copy follows.
+  // Threads take channels (whole rows): split by image, two threads would write the
+  // same cache lines of every short row.
+  at::parallel_for(0, Cg, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t n = 0; n < g.N; ++n)
+      im2col_nchw<T>(px + (n * g.C + grp * Cg) * g.H * g.W, pc + n * OHW, g, 0, g.OH, g.N * OHW, c0, c1);
   });
-  return cols.permute({1, 0, 2}).reshape({Cg * RS, g.N * OHW});
+  return cols;
 }
 
 // Group grp's channels of dy (N, K, OH, OW) as (Kg, N*OH*OW).
