@@ -105,34 +105,12 @@ constexpr int64_t kTinyPatchRow = 16;
 // col (Cg*R*S, (oh1-oh0)*OW), rows ld apart (default: packed): the patches of output rows
 // [oh0, oh1) of channels [c0, c1) (default: all) of one image's group (x points at its
 // first channel plane).
-
 template <typename T>
 void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_t oh0, int64_t oh1,
                  int64_t ld = -1, int64_t c0 = 0, int64_t c1 = -1) {
   const int64_t cols = (oh1 - oh0) * g.OW;
   if (ld < 0) ld = cols;
   if (c1 < 0) c1 = g.Cg();
-  if (cols <= kTinyPatchRow) {  // element loops: a call per run of 1-16 elements costs more than its data
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* plane = x + c * g.H * g.W;
-      for (int64_t r = 0; r < g.R; ++r) {
-        for (int64_t s = 0; s < g.S; ++s) {
-          T* row = col + ((c * g.R + r) * g.S + s) * ld;
-          int64_t lo, hi;
-          const int64_t woff = s * g.dw - g.pw;
-          valid_range(woff, g.sw, g.W, g.OW, lo, hi);
-          for (int64_t oh = oh0; oh < oh1; ++oh) {
-            T* dst = row + (oh - oh0) * g.OW;
-            const int64_t h = oh * g.sh - g.ph + r * g.dh;
-            const bool in = h >= 0 && h < g.H;
-            const T* src = plane + (in ? h : 0) * g.W + woff;
-            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = in && ow >= lo && ow < hi ? src[ow * g.sw] : T(0);
-          }
-        }
-      }
-    }
-    return;
-  }
   const bool runs = whole_plane_runs(g);
   for (int64_t c = c0; c < c1; ++c) {
     const T* plane = x + c * g.H * g.W;
@@ -142,6 +120,16 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
+        if (cols <= kTinyPatchRow) {  // element loops: a call per run of 1-16 elements costs more than its data
+          for (int64_t oh = oh0; oh < oh1; ++oh) {
+            T* dst = row + (oh - oh0) * g.OW;
+            const int64_t h = oh * g.sh - g.ph + r * g.dh;
+            const bool in = h >= 0 && h < g.H;
+            const T* src = plane + (in ? h : 0) * g.W + woff;
+            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = in && ow >= lo && ow < hi ? src[ow * g.sw] : T(0);
+          }
+          continue;
+        }
         if (runs) {
           const PlaneRun p = plane_run(g, r * g.dh - g.ph, woff, oh0, oh1);
           T* dst = row + (p.a - oh0) * g.W;
