@@ -19,6 +19,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +35,8 @@ namespace {
 constexpr int64_t kTile = 4096;       // elements per channel summed before a merge in double
 constexpr int64_t kMinTileRows = 16;    // channel-minor tiles: enough rows per merge in double
 constexpr int64_t kMinTaskWork = 32768;  // elements per task, so small inputs do not pay for threads
+constexpr int64_t kSmallPlane = 64;      // NCL planes smaller than this reduce across images (see SmallPlanes)
+constexpr int64_t kBlockElems = 1024;    // elements per image of one SmallPlanes channel block
 
 struct View {
   int64_t N, C, L;
@@ -171,6 +175,145 @@ void for_each_task(const View& v, const Split& s, const F& f) {
       for (int64_t k = b; k < e; ++k) f(int64_t{-1}, k, k * s.per, std::min(rows, (k + 1) * s.per));
     });
   }
+}
+
+// Small planes (NCL, L < kSmallPlane): a row of L elements is too short for a vector
+// reduction (its horizontal sum costs more than the adds). A block of channels is one
+// contiguous run of cb * L elements in every image, so it is reduced across images
+// element by element into cb * L accumulators (plain vector adds), and each channel's L
+// accumulators are summed once per tile of images. Tasks: channel blocks x image splits.
+struct SmallPlanes {
+  int64_t cb, blocks, grain;  // channels per block, blocks, tasks per thread at least
+
+  SmallPlanes(const View& v, const Split& s) {
+    cb = std::max<int64_t>(1, std::min(v.C, kBlockElems / std::max<int64_t>(v.L, 1)));
+    blocks = (v.C + cb - 1) / cb;
+    grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, cb * v.L * s.per));
+  }
+
+  // f(c0, channels, k, n0, n1) for every task, in parallel
+  template <typename F>
+  void for_each(const View& v, const Split& s, const F& f) const {
+    at::parallel_for(0, blocks * s.splits, grain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t c0 = (t / s.splits) * cb, k = t % s.splits;
+        f(c0, std::min(cb, v.C - c0), k, k * s.per, std::min(v.N, (k + 1) * s.per));
+      }
+    });
+  }
+
+  static int64_t tile_images(const View& v) { return std::max<int64_t>(1, kTile / std::max<int64_t>(v.L, 1)); }
+};
+
+// Each channel's value repeated over its L accumulators: out[c * L + l] = v[c].
+template <typename opmath_t, typename value_t>
+inline void spread_planes(const value_t* v, int64_t channels, int64_t L, opmath_t* out) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int64_t l = 0; l < L; ++l) out[c * L + l] = static_cast<opmath_t>(v[c]);
+}
+
+// Sum of each channel's L accumulators: out[c] = sum acc[c * L, (c + 1) * L).
+template <typename opmath_t>
+inline void sum_planes(const opmath_t* acc, int64_t channels, int64_t L, opmath_t* out) {
+  for (int64_t c = 0; c < channels; ++c) {
+    opmath_t t = 0;
+    for (int64_t l = 0; l < L; ++l) t += acc[c * L + l];
+    out[c] = t;
+  }
+}
+
+template <typename scalar_t>
+void partial_stats_small(const at::Tensor& x, const View& v, const Split& s, at::Tensor& partials) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  double* out = partials.mutable_data_ptr<double>();  // (splits, 3, C)
+  const int64_t C = v.C, L = v.L, tile = SmallPlanes::tile_images(v);
+  const SmallPlanes sp(v, s);
+  sp.for_each(v, s, [&](int64_t c0, int64_t nc, int64_t k, int64_t n0, int64_t n1) {
+    const int64_t B = nc * L;
+    std::vector<opmath_t> acc(B), ref(B), sums(nc);
+    std::vector<double> piv(nc), tm(nc);
+    std::vector<Moments> m(nc);
+    for (int64_t c = 0; c < nc; ++c) piv[c] = n0 < n1 ? static_cast<double>(px[(n0 * C + c0 + c) * L]) : 0.0;
+    for (int64_t n = n0; n < n1; n += tile) {
+      const int64_t rows = std::min(tile, n1 - n);
+      const double count = static_cast<double>(rows * L);
+      opmath_t* __restrict a = acc.data();
+      opmath_t* __restrict r = ref.data();
+      // pass 1: tile means, summed as deviations from the pivot
+      spread_planes(piv.data(), nc, L, r);
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      for (int64_t i = n; i < n + rows; ++i) {
+        const scalar_t* __restrict p = px + (i * C + c0) * L;
+#pragma omp simd
+        for (int64_t j = 0; j < B; ++j) a[j] += static_cast<opmath_t>(p[j]) - r[j];
+      }
+      sum_planes(a, nc, L, sums.data());
+      for (int64_t c = 0; c < nc; ++c) tm[c] = piv[c] + static_cast<double>(sums[c]) / count;
+      // pass 2: squared deviations from the tile means
+      spread_planes(tm.data(), nc, L, r);
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      for (int64_t i = n; i < n + rows; ++i) {
+        const scalar_t* __restrict p = px + (i * C + c0) * L;
+#pragma omp simd
+        for (int64_t j = 0; j < B; ++j) {
+          const opmath_t d = static_cast<opmath_t>(p[j]) - r[j];
+          a[j] += d * d;
+        }
+      }
+      sum_planes(a, nc, L, sums.data());
+      for (int64_t c = 0; c < nc; ++c) m[c].merge(count, tm[c], static_cast<double>(sums[c]));
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      out[(k * 3 + 0) * C + c0 + c] = m[c].n;
+      out[(k * 3 + 1) * C + c0 + c] = m[c].mean;
+      out[(k * 3 + 2) * C + c0 + c] = m[c].n > 0 ? m[c].m2 / m[c].n : 0.0;
+    }
+  });
+}
+
+template <typename scalar_t>
+void grad_sums_small(const at::Tensor& dy, const at::Tensor& x, const View& v, const Split& s,
+                     const std::vector<double>& mean, at::Tensor& partials) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+  const scalar_t* px = x.const_data_ptr<scalar_t>();
+  double* out = partials.mutable_data_ptr<double>();  // (splits, 2, C)
+  const int64_t C = v.C, L = v.L, tile = SmallPlanes::tile_images(v);
+  const SmallPlanes sp(v, s);
+  sp.for_each(v, s, [&](int64_t c0, int64_t nc, int64_t k, int64_t n0, int64_t n1) {
+    const int64_t B = nc * L;
+    std::vector<opmath_t> acc_dy(B), acc_dyx(B), ref(B), sums(nc);
+    std::vector<double> tot_dy(nc, 0.0), tot_dyx(nc, 0.0);
+    spread_planes(mean.data() + c0, nc, L, ref.data());
+    for (int64_t n = n0; n < n1; n += tile) {
+      const int64_t rows = std::min(tile, n1 - n);
+      std::fill(acc_dy.begin(), acc_dy.end(), opmath_t(0));
+      std::fill(acc_dyx.begin(), acc_dyx.end(), opmath_t(0));
+      opmath_t* __restrict a = acc_dy.data();
+      opmath_t* __restrict b = acc_dyx.data();
+      const opmath_t* __restrict r = ref.data();
+      for (int64_t i = n; i < n + rows; ++i) {
+        const int64_t off = (i * C + c0) * L;
+        const scalar_t* __restrict g = pdy + off;
+        const scalar_t* __restrict xx = px + off;
+#pragma omp simd
+        for (int64_t j = 0; j < B; ++j) {
+          const opmath_t gv = static_cast<opmath_t>(g[j]);
+          a[j] += gv;
+          b[j] += gv * (static_cast<opmath_t>(xx[j]) - r[j]);
+        }
+      }
+      sum_planes(a, nc, L, sums.data());
+      for (int64_t c = 0; c < nc; ++c) tot_dy[c] += static_cast<double>(sums[c]);
+      sum_planes(b, nc, L, sums.data());
+      for (int64_t c = 0; c < nc; ++c) tot_dyx[c] += static_cast<double>(sums[c]);
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      out[(k * 2 + 0) * C + c0 + c] = tot_dy[c];
+      out[(k * 2 + 1) * C + c0 + c] = tot_dyx[c];
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -370,7 +513,11 @@ at::Tensor batch_norm_partial_stats(const at::Tensor& x, bool channels_last) {
   at::Tensor partials = at::zeros({std::max<int64_t>(s.splits, 1), 3, v.C}, x.options().dtype(at::kDouble));
   if (x.numel() == 0) return partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_stats", [&] {
-    partial_stats_impl<scalar_t>(x, v, s, partials);
+    if (!v.nlc && v.L < kSmallPlane) {
+      partial_stats_small<scalar_t>(x, v, s, partials);
+    } else {
+      partial_stats_impl<scalar_t>(x, v, s, partials);
+    }
   });
   return partials;
 }
@@ -458,7 +605,11 @@ at::Tensor batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
     const Split s = split_of(v);
     at::Tensor partials = at::empty({s.splits, 2, v.C}, out.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_grad_sums", [&] {
-      grad_sums_impl<scalar_t>(dy, x, v, s, m, partials);
+      if (!v.nlc && v.L < kSmallPlane) {
+        grad_sums_small<scalar_t>(dy, x, v, s, m, partials);
+      } else {
+        grad_sums_impl<scalar_t>(dy, x, v, s, m, partials);
+      }
     });
     const double* pp = partials.const_data_ptr<double>();
     double* o = out.mutable_data_ptr<double>();
@@ -504,6 +655,148 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
     a.r[c] = -a.p[c] * ps[c] / n[c];
   }
   channel_affine(dy, &x, dx, v, a);
+}
+
+// The statistics dtype: float64 for float64 inputs, else float32.
+static at::ScalarType stats_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// An uninitialised tensor shaped and stored like the (N, C, L) view x (NCL or NLC).
+static at::Tensor empty_like_view(const at::Tensor& x) { return at::empty_strided(x.sizes(), x.strides(), x.options()); }
+
+// The training forward in one call: statistics, running-stat update and normalisation
+// (partial_stats + merge_stats + apply). Returns (y, stats (3, C): count, mean, biased var).
+std::tuple<at::Tensor, at::Tensor> batch_norm_train_forward(const at::Tensor& x,
+                                                            const c10::optional<at::Tensor>& running_mean,
+                                                            const c10::optional<at::Tensor>& running_var,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            const c10::optional<at::Tensor>& bias, double momentum,
+                                                            double eps, bool channels_last) {
+  const View v = view_of(x, channels_last, "input");
+  at::Tensor stats = at::empty({3, v.C}, x.options().dtype(stats_type(x)));
+  batch_norm_merge_stats(batch_norm_partial_stats(x, channels_last), stats, running_mean, running_var, momentum);
+  at::Tensor y = empty_like_view(x);
+  batch_norm_apply(x, y, stats.select(0, 1), stats.select(0, 2), weight, bias, eps, channels_last);
+  return {y, stats};
+}
+
+// The whole backward in one call: (grad_input, (4, C) sums as batch_norm_backward_reduce
+// gives them, in the statistics dtype). `count` given: training (batch statistics);
+// absent: eval (running statistics). A part not asked for comes back as an empty tensor.
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                       const at::Tensor& mean, const at::Tensor& var,
+                                                       const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& count, double eps,
+                                                       bool need_input, bool need_reduce, bool channels_last) {
+  const bool training = count.has_value() && count->defined();
+  at::Tensor red, dx;
+  if (need_reduce || (training && need_input)) red = batch_norm_backward_reduce(dy, x, mean, var, eps, channels_last);
+  if (need_input) {
+    dx = empty_like_view(x);
+    batch_norm_backward_input(dy, x, dx, mean, var, weight, training ? red : var, training ? *count : var, eps,
+                              training, channels_last);
+  }
+  const auto empty = [&] { return at::empty({0}, x.options().dtype(stats_type(x))); };
+  return {dx.defined() ? dx : at::empty({0}, x.options()), red.defined() ? red.to(stats_type(x)) : empty()};
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// `grad` in the storage order of the (N, C, L) view x3 (copied only when it is not).
+at::Tensor like_view(const at::Tensor& grad, const at::Tensor& x3) {
+  at::Tensor g = grad.reshape(x3.sizes());
+  bool same = true;
+  for (int64_t d = 0; same && d < g.dim(); ++d) same = g.size(d) <= 1 || g.stride(d) == x3.stride(d);
+  if (same) return g;
+  at::Tensor out = empty_like_view(x3);
+  out.copy_(g);
+  return out;
+}
+
+// Python's @once_differentiable for a C++ backward: when the graph of the backward is
+// being recorded (create_graph) its outputs lead to an error node, so differentiating
+// them again raises instead of returning a silently wrong (zero) second derivative.
+variable_list once_differentiable(variable_list outputs, const variable_list& grads) {
+  if (!at::GradMode::is_enabled()) return outputs;
+  bool recorded = false;
+  for (const auto& g : grads) recorded = recorded || (g.defined() && g.requires_grad());
+  if (!recorded) return outputs;
+  variable_list leaves;
+  for (const auto& t : outputs) leaves.push_back(t.defined() ? t.detach().requires_grad_(true) : t);
+  torch::autograd::DelayedError error(
+      "trying to differentiate twice a function that was marked with @once_differentiable",
+      static_cast<int64_t>(leaves.size()));
+  return error.apply(std::move(leaves));
+}
+
+// Batch norm as a C++ autograd node, for CPU tensors in plain eager mode: the same two
+// entries as the Python BatchNormFunction (train_forward or apply, then backward), without
+// the Python Function's per-call cost (~60 us per layer forward + backward, more than
+// the kernels of a small layer). x is the differentiable input; x3 its detached
+// (N, C, L) view in the storage order the kernels run in.
+struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& x3,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                            bool channels_last) {
+    at::Tensor y3, mean, var, count;
+    if (training) {
+      at::Tensor stats;
+      std::tie(y3, stats) =
+          batch_norm_train_forward(x3, running_mean, running_var, weight, bias, momentum, eps, channels_last);
+      count = stats.select(0, 0);
+      mean = stats.select(0, 1);
+      var = stats.select(0, 2);
+    } else {
+      TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "running stats must be given in eval mode");
+      mean = *running_mean;
+      var = *running_var;
+      y3 = empty_like_view(x3);
+      batch_norm_apply(x3, y3, mean, var, weight, bias, eps, channels_last);
+    }
+    ctx->save_for_backward({x3, weight.value_or(at::Tensor()), mean, var, count});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["channels_last"] = channels_last;
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : x.scalar_type();
+    // needs_input_grad counts the tensor arguments given (x, x3, then those of the rest present)
+    const auto given = [](const c10::optional<at::Tensor>& t) { return int64_t{t.has_value() && t->defined()}; };
+    const int64_t w_edge = 2 + given(running_mean) + given(running_var);
+    ctx->saved_data["weight_edge"] = given(weight) ? w_edge : int64_t{-1};
+    ctx->saved_data["bias_edge"] = given(bias) ? w_edge + given(weight) : int64_t{-1};
+    return y3.view(x.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x3 = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3], &count = saved[4];
+    const int64_t w_edge = ctx->saved_data["weight_edge"].toInt(), b_edge = ctx->saved_data["bias_edge"].toInt();
+    const bool need_x = ctx->needs_input_grad(0), need_w = w_edge >= 0 && ctx->needs_input_grad(w_edge),
+               need_b = b_edge >= 0 && ctx->needs_input_grad(b_edge);
+    at::Tensor dx, red;
+    std::tie(dx, red) = batch_norm_backward(
+        like_view(grads[0], x3), x3, mean, var, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt,
+        count.defined() ? c10::optional<at::Tensor>(count) : c10::nullopt, ctx->saved_data["eps"].toDouble(), need_x,
+        need_w || need_b, ctx->saved_data["channels_last"].toBool());
+    variable_list out(10);
+    if (need_x) out[0] = dx.view(grads[0].sizes());
+    if (need_w) out[4] = red.select(0, 2).to(weight.scalar_type());
+    if (need_b) out[5] = red.select(0, 3).to(ctx->saved_data["bias_dtype"].toScalarType());
+    return once_differentiable(std::move(out), grads);
+  }
+};
+
+}  // namespace
+
+at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                               bool channels_last) {
+  return BatchNormNode::apply(x, x3, running_mean, running_var, weight, bias, training, momentum, eps, channels_last);
 }
 
 }  // namespace pyops

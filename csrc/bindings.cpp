@@ -43,6 +43,21 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
                                const at::Tensor& mean, const at::Tensor& var,
                                const c10::optional<at::Tensor>& weight, const at::Tensor& sums,
                                const at::Tensor& count, double eps, bool training, bool channels_last);
+std::tuple<at::Tensor, at::Tensor> batch_norm_train_forward(const at::Tensor& x,
+                                                            const c10::optional<at::Tensor>& running_mean,
+                                                            const c10::optional<at::Tensor>& running_var,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            const c10::optional<at::Tensor>& bias, double momentum,
+                                                            double eps, bool channels_last);
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+                                                       const at::Tensor& mean, const at::Tensor& var,
+                                                       const c10::optional<at::Tensor>& weight,
+                                                       const c10::optional<at::Tensor>& count, double eps,
+                                                       bool need_input, bool need_reduce, bool channels_last);
+at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+                               bool channels_last);
 }  // namespace pyops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -64,6 +79,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_apply", &pyops::batch_norm_apply, "batch norm normalisation (CPU)");
   m.def("batch_norm_backward_reduce", &pyops::batch_norm_backward_reduce, "batch norm gradient sums (CPU)");
   m.def("batch_norm_backward_input", &pyops::batch_norm_backward_input, "batch norm input gradient (CPU)");
+  m.def("batch_norm_train_forward", &pyops::batch_norm_train_forward,
+        "batch norm training forward: stats, running stats, normalisation (CPU)");
+  m.def("batch_norm_backward", &pyops::batch_norm_backward, "batch norm backward: sums and grad_input (CPU)");
+  m.def("batch_norm_autograd", &pyops::batch_norm_autograd, "batch norm as a C++ autograd node (CPU)");
   m.def("simd_level", []() {
 #if defined(CPU_CAPABILITY_AVX512)
     return "AVX512";

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import _conv, _pool
 from ._library import apply_function
-from .ops.batch_norm import BatchNormFunction
+from .ops.batch_norm import batch_norm as _batch_norm
 from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
 from .ops.dropout import DropoutFunction, draw_seed_offset
 from .ops.pooling import AvgPool2dFunction, MaxPool2dFunction
@@ -228,5 +228,5 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     input's dtype and memory format.
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    return apply_function(BatchNormFunction, input, running_mean, running_var, weight, bias, bool(training),
-                          float(momentum if momentum is not None else 0.0), float(eps))
+    return _batch_norm(input, running_mean, running_var, weight, bias, bool(training),
+                       float(momentum if momentum is not None else 0.0), float(eps))

@@ -101,6 +101,41 @@ def test_large_mean_float32_keeps_the_variance(backend_device):
     torch.testing.assert_close(rv.cpu().double(), x.double().var(dim=(0, 2, 3)), atol=0, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(300, 70, 4, 4), (1400, 3, 7, 7)])
+def test_cpp_small_planes_match_float64(shape):
+    """C++ planes under 64 elements are reduced across images, per block of channels and tile of
+    images: (300, 70, 4, 4) has two channel blocks and two image tiles, (1400, 3, 7, 7) two image
+    splits of many tiles. Float32 against torch in float64, forward, running stats and gradients."""
+    torch.manual_seed(0)
+    C = shape[1]
+    x64 = torch.randn(shape, dtype=torch.float64) * 3 + 100
+    x64 = x64.float().double()
+    g = torch.randn(shape, dtype=torch.float64)
+    w64, b64 = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    with pyops.backend("cpp"):
+        ours = _run(pyops.functional.batch_norm, x64.float(), w64.float().requires_grad_(),
+                    b64.float().requires_grad_(), rm.clone(), rv.clone(), True, 0.5, g)
+    ref = _run(F.batch_norm, x64, w64.clone().requires_grad_(), b64.clone().requires_grad_(), rm.double(),
+               rv.double(), True, 0.5, g)
+    torch.testing.assert_close(ours[0].double(), ref[0], atol=2e-5, rtol=1e-5)
+    for a, r in zip(ours[1:3], ref[1:3]):
+        torch.testing.assert_close(a.double(), r, atol=1e-5, rtol=1e-5)
+    for a, r in zip(ours[3], ref[3]):
+        torch.testing.assert_close(a.double(), r, atol=1e-4 * r.abs().max().item(), rtol=1e-4)
+
+
+def test_cpu_training_builds_the_cpp_autograd_node():
+    """Plain eager CPU calls that need gradients record one C++ node (no Python Function);
+    it gives the Function's results (test_eager_shortcut_keeps_operators_visible_to_modes)."""
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    for training in (True, False):
+        y = pyops.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=training)
+        assert "BatchNormNode" in y.grad_fn.name(), y.grad_fn.name()
+    with torch.no_grad():
+        assert pyops.functional.batch_norm(x, None, None, training=True).grad_fn is None
+
+
 def test_running_stats_untouched_by_an_empty_batch(backend_device):
     rm, rv = torch.zeros(3, device=backend_device), torch.ones(3, device=backend_device)
     x = torch.randn(0, 3, 4, 4, device=backend_device, requires_grad=True)

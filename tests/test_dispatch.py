@@ -124,7 +124,7 @@ def test_eager_shortcut_keeps_operators_visible_to_modes(name):
     moded = []
     seen = _ops_seen_by_a_dispatch_mode(lambda: moded.append(calls[name]()))
     seen += _ops_seen_by_a_dispatch_mode(lambda: moded[0].backward(torch.ones_like(moded[0])))
-    assert any(s.startswith("pyops.") and "forward" in s or s.startswith("pyops.batch_norm_stats") for s in seen), seen
+    assert any(s.startswith("pyops.") and "forward" in s or s.startswith("pyops.batch_norm_train") for s in seen), seen
     assert any(s.startswith("pyops.") and ("backward" in s or "grad" in s) for s in seen), seen
     assert torch.equal(moded[0], eager) and torch.equal(x.grad, grad)
 

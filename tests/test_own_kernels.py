@@ -34,10 +34,10 @@ def _run(fn, x):
     ("dropout", lambda x: pyops.functional.dropout(x, 0.3), "pyops::dropout", "pyops::dropout"),
     ("batch_norm", lambda x: pyops.functional.batch_norm(x.view(2, 2, 5), torch.zeros(2, device=x.device),
                                                          torch.ones(2, device=x.device), training=True),
-     "pyops::batch_norm_stats", "pyops::batch_norm_backward_reduce"),
+     "pyops::batch_norm_train", "pyops::batch_norm_backward"),
     ("batch_norm_eval", lambda x: pyops.functional.batch_norm(x.view(2, 2, 5), torch.zeros(2, device=x.device),
                                                               torch.ones(2, device=x.device)),
-     "pyops::batch_norm_apply", "pyops::batch_norm_backward_input"),
+     "pyops::batch_norm_apply", "pyops::batch_norm_backward"),
 ])
 def test_own_ops_forward_and_backward(backend_device, name, fn, fwd_op, bwd_op):
     x = torch.randn(4, 5, device=backend_device, requires_grad=True)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
-from .._library import op
+from .._library import apply_function, op, plain_eager
 from .._tensor import suggests_channels_last
 from ._launch import cdiv, device_guard, launch_elementwise, needs_int64, sm_count
 
@@ -230,6 +230,58 @@ def _(grad_output, x, mean, var, weight, sums, count, eps, training):
     return _empty_ncl(x)
 
 
+@op("batch_norm_train(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+    "Tensor? bias, float momentum, float eps) -> (Tensor, Tensor)")
+def batch_norm_train(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+                     bias: Tensor | None, momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """The training forward as one operator: (y, (3, C) statistics); running stats updated in place.
+
+    ``batch_norm_stats`` then ``batch_norm_apply``; the C++ backend does both in one call.
+    """
+    if select(x, running_mean, running_var, weight, bias) == "cpp":
+        _check_running(running_mean, running_var)
+        return cpp_extension().batch_norm_train_forward(x, running_mean, running_var, weight, bias, momentum, eps,
+                                                        _nlc3(x))
+    stats = batch_norm_stats.impl(x, running_mean, running_var, momentum)
+    return batch_norm_apply.impl(x, stats[1], stats[2], weight, bias, eps), stats
+
+
+@batch_norm_train.register_fake
+def _(x, running_mean, running_var, weight, bias, momentum, eps):
+    return _empty_ncl(x), _stats_out(x)
+
+
+@op("batch_norm_backward(Tensor grad_output, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? count, "
+    "float eps, bool need_input, bool need_reduce) -> (Tensor, Tensor)")
+def batch_norm_backward(grad_output: Tensor, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                        count: Tensor | None, eps: float, need_input: bool, need_reduce: bool) -> tuple[Tensor, Tensor]:
+    """The whole backward as one operator: (grad_input, the (4, C) sums of ``batch_norm_backward_reduce``).
+
+    ``count`` given: training (batch statistics ``mean``, ``var``); None: eval (running
+    ones). A part not asked for (``need_input``, ``need_reduce``) comes back empty.
+    """
+    training = count is not None
+    if select(grad_output, x, mean, var, weight, count) == "cpp":
+        return cpp_extension().batch_norm_backward(grad_output, x, mean, var, weight, count, eps, need_input,
+                                                   need_reduce, _nlc3(x))
+    red = x.new_empty((0,), dtype=stats_dtype(x.dtype))
+    if need_reduce or (training and need_input):
+        red = batch_norm_backward_reduce.impl(grad_output, x, mean, var, eps)
+    dx = x.new_empty((0,))
+    if need_input:
+        dx = batch_norm_backward_input.impl(grad_output, x, mean, var, weight, red[:2] if training else var,
+                                            count if training else var, eps, training)
+    return dx, red
+
+
+@batch_norm_backward.register_fake
+def _(grad_output, x, mean, var, weight, count, eps, need_input, need_reduce):
+    training = count is not None
+    dx = _empty_ncl(x) if need_input else x.new_empty((0,))
+    red_shape = (4, x.shape[1]) if need_reduce or (training and need_input) else (0,)
+    return dx, x.new_empty(red_shape, dtype=stats_dtype(x.dtype))
+
+
 # ---------------------------------------------------------------- autograd
 
 
@@ -242,7 +294,12 @@ def _param_grads(ctx, red: Tensor | None, weight: Tensor | None, bias: Tensor | 
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm over (N, C, *) with batch statistics (training) or the given running ones."""
+    """Batch norm over (N, C, *) with batch statistics (training) or the given running ones.
+
+    One operator each way (``batch_norm_train`` or ``batch_norm_apply``, then
+    ``batch_norm_backward``): on small layers the per-call cost, not the kernels, is
+    most of the time.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, running_mean, running_var, weight, bias, training: bool, momentum: float,
@@ -250,31 +307,43 @@ class BatchNormFunction(torch.autograd.Function):
         nlc = is_nlc(x)
         x3 = as_ncl(x, nlc)
         if training:
-            stats = batch_norm_stats(x3, running_mean, running_var, momentum)
-            count, mean, var = stats[0], stats[1], stats[2]
+            y3, stats = batch_norm_train(x3, running_mean, running_var, weight, bias, momentum, eps)
+            count, mean, var = stats.unbind(0)
         else:
-            count, mean, var = running_var, running_mean, running_var
-        y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
+            count, mean, var = None, running_mean, running_var
+            y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count)
-        ctx.meta = (nlc, training, eps, x.shape)
+        ctx.meta = (nlc, eps, x.shape)
         return y3.view(x.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         x3, weight, bias, mean, var, count = ctx.saved_tensors
-        nlc, training, eps, shape = ctx.meta
-        dy3 = as_ncl(grad_output, nlc)
-        red = None
-        if training or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            red = batch_norm_backward_reduce(dy3, x3, mean, var, eps)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            sums = red[:2] if training else var
-            dx = batch_norm_backward_input(dy3, x3, mean, var, weight, sums, count, eps,
-                                           training).view(shape)
+        nlc, eps, shape = ctx.meta
+        need = ctx.needs_input_grad
+        dx, red = batch_norm_backward(as_ncl(grad_output, nlc), x3, mean, var, weight, count, eps, need[0],
+                                      need[3] or need[4])
         gw, gb = _param_grads(ctx, red, weight, bias, 3)
-        return dx, None, None, gw, gb, None, None, None
+        return dx.view(shape) if need[0] else None, None, None, gw, gb, None, None, None
+
+
+def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
+               bias: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
+    """Batch norm with autograd, arguments already checked: ``BatchNormFunction`` or its C++ twin.
+
+    A CPU call in plain eager mode that needs gradients builds the C++ autograd node
+    (``batch_norm_autograd``: the same operators, without the Python Function's ~60 us
+    per layer); everything else (CUDA, tracing, dispatch modes, no grad) takes the Function.
+    """
+    args = (x, running_mean, running_var, weight, bias)
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+            and plain_eager(args) and select(*args) == "cpp"):
+        _check_running(running_mean, running_var)
+        nlc = is_nlc(x)
+        return cpp_extension().batch_norm_autograd(x, as_ncl(x.detach(), nlc), running_mean, running_var, weight,
+                                                   bias, training, momentum, eps, nlc)
+    return apply_function(BatchNormFunction, x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
