@@ -19,13 +19,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "autograd.h"
 #include "common.h"
 
 namespace pyops {
@@ -717,27 +716,10 @@ at::Tensor like_view(const at::Tensor& grad, const at::Tensor& x3) {
   return out;
 }
 
-// Python's @once_differentiable for a C++ backward: when the graph of the backward is
-// being recorded (create_graph) its outputs lead to an error node, so differentiating
-// them again raises instead of returning a silently wrong (zero) second derivative.
-variable_list once_differentiable(variable_list outputs, const variable_list& grads) {
-  if (!at::GradMode::is_enabled()) return outputs;
-  bool recorded = false;
-  for (const auto& g : grads) recorded = recorded || (g.defined() && g.requires_grad());
-  if (!recorded) return outputs;
-  variable_list leaves;
-  for (const auto& t : outputs) leaves.push_back(t.defined() ? t.detach().requires_grad_(true) : t);
-  torch::autograd::DelayedError error(
-      "trying to differentiate twice a function that was marked with @once_differentiable",
-      static_cast<int64_t>(leaves.size()));
-  return error.apply(std::move(leaves));
-}
-
-// Batch norm as a C++ autograd node, for CPU tensors in plain eager mode: the same two
-// entries as the Python BatchNormFunction (train_forward or apply, then backward), without
-// the Python Function's per-call cost (~60 us per layer forward + backward, more than
-// the kernels of a small layer). x is the differentiable input; x3 its detached
-// (N, C, L) view in the storage order the kernels run in.
+// Batch norm as a C++ autograd node (see autograd.h): the same two entries as the Python
+// BatchNormFunction (train_forward or apply, then backward); the Function's per-call cost
+// (~60 us per layer forward + backward) is more than the kernels of a small layer. x is
+// the differentiable input; x3 its detached (N, C, L) view in the kernels' storage order.
 struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& x3,
                             const c10::optional<at::Tensor>& running_mean,
@@ -763,8 +745,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["channels_last"] = channels_last;
     ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : x.scalar_type();
-    // needs_input_grad counts the tensor arguments given (x, x3, then those of the rest present)
-    const auto given = [](const c10::optional<at::Tensor>& t) { return int64_t{t.has_value() && t->defined()}; };
+    // needs_input_grad counts the tensor arguments given: x, x3, then those of the rest present
     const int64_t w_edge = 2 + given(running_mean) + given(running_var);
     ctx->saved_data["weight_edge"] = given(weight) ? w_edge : int64_t{-1};
     ctx->saved_data["bias_edge"] = given(bias) ? w_edge + given(weight) : int64_t{-1};
@@ -777,16 +758,18 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const int64_t w_edge = ctx->saved_data["weight_edge"].toInt(), b_edge = ctx->saved_data["bias_edge"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = w_edge >= 0 && ctx->needs_input_grad(w_edge),
                need_b = b_edge >= 0 && ctx->needs_input_grad(b_edge);
-    at::Tensor dx, red;
-    std::tie(dx, red) = batch_norm_backward(
-        like_view(grads[0], x3), x3, mean, var, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt,
-        count.defined() ? c10::optional<at::Tensor>(count) : c10::nullopt, ctx->saved_data["eps"].toDouble(), need_x,
-        need_w || need_b, ctx->saved_data["channels_last"].toBool());
-    variable_list out(10);
-    if (need_x) out[0] = dx.view(grads[0].sizes());
-    if (need_w) out[4] = red.select(0, 2).to(weight.scalar_type());
-    if (need_b) out[5] = red.select(0, 3).to(ctx->saved_data["bias_dtype"].toScalarType());
-    return once_differentiable(std::move(out), grads);
+    return once_differentiable(grads, [&] {
+      at::Tensor dx, red;
+      std::tie(dx, red) = batch_norm_backward(
+          like_view(grads[0], x3), x3, mean, var, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt,
+          count.defined() ? c10::optional<at::Tensor>(count) : c10::nullopt, ctx->saved_data["eps"].toDouble(), need_x,
+          need_w || need_b, ctx->saved_data["channels_last"].toBool());
+      variable_list out(10);
+      if (need_x) out[0] = dx.view(grads[0].sizes());
+      if (need_w) out[4] = red.select(0, 2).to(weight.scalar_type());
+      if (need_b) out[5] = red.select(0, 3).to(ctx->saved_data["bias_dtype"].toScalarType());
+      return out;
+    });
   }
 };
 

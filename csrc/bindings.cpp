@@ -58,6 +58,9 @@ at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const 
                                const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
                                bool channels_last);
+at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                           int64_t groups, std::vector<int64_t> out_hw, bool channels_last, bool transposed);
 }  // namespace pyops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -83,6 +86,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch norm training forward: stats, running stats, normalisation (CPU)");
   m.def("batch_norm_backward", &pyops::batch_norm_backward, "batch norm backward: sums and grad_input (CPU)");
   m.def("batch_norm_autograd", &pyops::batch_norm_autograd, "batch norm as a C++ autograd node (CPU)");
+  m.def("conv2d_autograd", &pyops::conv2d_autograd, "conv2d / conv_transpose2d as a C++ autograd node (CPU)");
   m.def("simd_level", []() {
 #if defined(CPU_CAPABILITY_AVX512)
     return "AVX512";

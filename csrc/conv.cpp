@@ -32,6 +32,7 @@
 #include <numeric>
 #include <vector>
 
+#include "autograd.h"
 #include "common.h"
 #include "conv_taps.h"
 
@@ -1244,6 +1245,83 @@ void channel_sum(const at::Tensor& grad, const at::Tensor& out, bool channels_la
       for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(total[k]);
     }
   });
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// conv2d (transposed = false) or conv_transpose2d as a C++ autograd node (see autograd.h),
+// with the same entries as Conv2dFunction / ConvTranspose2dFunction: conv_transpose2d's
+// forward is conv2d's input gradient, its input gradient conv2d's forward and its weight
+// gradient conv2d's with input and output gradient swapped. Non-empty x and w only (the
+// Python Functions handle empty ones).
+struct ConvNode : public torch::autograd::Function<ConvNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const c10::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                            std::vector<int64_t> out_hw, bool channels_last, bool transposed) {
+    TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && out_hw.size() == 2, "conv: 4-D input and weight expected");
+    const auto options = x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                 : at::MemoryFormat::Contiguous);
+    at::Tensor y;
+    if (transposed) {
+      y = at::empty({x.size(0), w.size(1) * groups, out_hw[0], out_hw[1]}, options);
+      conv2d_input_grad(x, w, bias, y, stride, padding, dilation, groups, channels_last);
+    } else {
+      y = at::empty({x.size(0), w.size(0), out_hw[0], out_hw[1]}, options);
+      conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, channels_last);
+    }
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["channels_last"] = channels_last;
+    ctx->saved_data["transposed"] = transposed;
+    ctx->saved_data["has_bias"] = static_cast<bool>(given(bias));
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &g = grads[0];
+    const auto stride = ctx->saved_data["stride"].toIntVector();
+    const auto padding = ctx->saved_data["padding"].toIntVector();
+    const auto dilation = ctx->saved_data["dilation"].toIntVector();
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const bool cl = ctx->saved_data["channels_last"].toBool(), transposed = ctx->saved_data["transposed"].toBool();
+    const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+    return once_differentiable(grads, [&] {
+      variable_list out(10);
+      if (ctx->needs_input_grad(0)) {
+        out[0] = at::empty(x.sizes(), x.options().memory_format(format));
+        if (transposed) {
+          conv2d_forward(g, w, c10::nullopt, out[0], stride, padding, dilation, groups, cl);
+        } else {
+          conv2d_input_grad(g, w, c10::nullopt, out[0], stride, padding, dilation, groups, cl);
+        }
+      }
+      if (ctx->needs_input_grad(1)) {
+        out[1] = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+        conv2d_weight_grad(transposed ? x : g, transposed ? g : x, out[1], stride, padding, dilation, groups, cl);
+      }
+      if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
+        out[2] = at::empty({g.size(1)}, g.options());
+        channel_sum(g, out[2], cl);
+      }
+      return out;
+    });
+  }
+};
+
+}  // namespace
+
+at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                           std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                           int64_t groups, std::vector<int64_t> out_hw, bool channels_last, bool transposed) {
+  return ConvNode::apply(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last, transposed);
 }
 
 }  // namespace pyops

@@ -5,7 +5,8 @@ for every device (the implementation asks ``_dispatch.select`` for the backend),
 a fake (meta) implementation, so torch.compile and torch.export trace through pyops.
 Autograd is the job of the ``autograd.Function`` that calls these operators;
 ``apply_function`` skips the Function (and its graph node) when no argument needs a
-gradient, as in inference.
+gradient, as in inference; ``builds_cpp_node`` says when a call takes the C++ autograd
+node instead (CPU, plain eager, gradients needed: csrc/autograd.h).
 
 ``torch.library.define``/``impl`` is used rather than ``torch.library.custom_op``:
 same tracing behaviour, but about 3 us per call instead of 15-100 us (custom_op
@@ -24,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from ._dispatch import select
 
 LIBRARY = torch.library.Library("pyops", "DEF")
 
@@ -90,3 +93,16 @@ def apply_function(function: type[torch.autograd.Function], *args):
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return function.apply(*args)
     return function.forward(_NoGradCtx(), *args)
+
+
+def builds_cpp_node(differentiable: tuple, tensors: tuple) -> bool:
+    """Whether a call records pyops' C++ autograd node rather than the Python Function.
+
+    Yes when some ``differentiable`` argument needs a gradient, the call is plain eager
+    (tracers and modes must see the operators) and ``tensors`` run on the C++ backend:
+    the node runs the same C++ entries as the Function without its per-call cost
+    (Function.apply, a Python graph node, the operator layer: ~50-80 us per layer).
+    Without gradients ``apply_function``'s shortcut costs about what the node would.
+    """
+    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
+            and plain_eager(tensors) and select(*tensors) == "cpp")

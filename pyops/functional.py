@@ -10,6 +10,7 @@ from . import _conv, _pool
 from ._library import apply_function
 from .ops.batch_norm import batch_norm as _batch_norm
 from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
+from .ops.conv import conv as _conv_op
 from .ops.dropout import DropoutFunction, draw_seed_offset
 from .ops.pooling import AvgPool2dFunction, MaxPool2dFunction
 from .ops.sigmoid import SigmoidFunction
@@ -141,8 +142,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
                            f"channels instead")
     _conv.check_bias(weight, bias, weight.shape[0])
     out_hw = _conv.conv_output_size(x, weight, stride, pad_total, dilation)
-    out = apply_function(Conv2dFunction, x, weight, bias, list(stride), list(pad), list(dilation), groups,
-                         list(out_hw), _conv.conv_channels_last(x, weight))
+    out = _conv_op(Conv2dFunction, x, weight, bias, list(stride), list(pad), list(dilation), groups,
+                   list(out_hw), _conv.conv_channels_last(x, weight))
     return out.squeeze(0) if unbatched else out
 
 
@@ -169,8 +170,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                            f"to have {weight.shape[0]} channels, but got {x.shape[1]} channels instead")
     _conv.check_bias(weight, bias, weight.shape[1] * groups)
     out_hw = _conv.transpose_output_size(x, weight, stride, pad, output_padding, dilation)
-    out = apply_function(ConvTranspose2dFunction, x, weight, bias, list(stride), list(pad), list(dilation),
-                         groups, list(out_hw), _conv.conv_channels_last(x, weight))
+    out = _conv_op(ConvTranspose2dFunction, x, weight, bias, list(stride), list(pad), list(dilation),
+                   groups, list(out_hw), _conv.conv_channels_last(x, weight))
     return out.squeeze(0) if unbatched else out
 
 

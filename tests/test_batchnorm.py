@@ -125,17 +125,6 @@ def test_cpp_small_planes_match_float64(shape):
         torch.testing.assert_close(a.double(), r, atol=1e-4 * r.abs().max().item(), rtol=1e-4)
 
 
-def test_cpu_training_builds_the_cpp_autograd_node():
-    """Plain eager CPU calls that need gradients record one C++ node (no Python Function);
-    it gives the Function's results (test_eager_shortcut_keeps_operators_visible_to_modes)."""
-    x = torch.randn(2, 3, 4, 4, requires_grad=True)
-    for training in (True, False):
-        y = pyops.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=training)
-        assert "BatchNormNode" in y.grad_fn.name(), y.grad_fn.name()
-    with torch.no_grad():
-        assert pyops.functional.batch_norm(x, None, None, training=True).grad_fn is None
-
-
 def test_running_stats_untouched_by_an_empty_batch(backend_device):
     rm, rv = torch.zeros(3, device=backend_device), torch.ones(3, device=backend_device)
     x = torch.randn(0, 3, 4, 4, device=backend_device, requires_grad=True)

@@ -104,7 +104,7 @@ def _ops_seen_by_a_dispatch_mode(fn):
     return seen
 
 
-@pytest.mark.parametrize("name", ["avg_pool2d", "max_pool2d", "sigmoid", "batch_norm", "conv2d"])
+@pytest.mark.parametrize("name", ["avg_pool2d", "max_pool2d", "sigmoid", "batch_norm", "conv2d", "conv_transpose2d"])
 def test_eager_shortcut_keeps_operators_visible_to_modes(name):
     """In plain eager mode the Functions call the implementations directly (no dispatcher
     round trip); under a dispatch mode the same calls go through torch.ops.pyops, and
@@ -117,6 +117,7 @@ def test_eager_shortcut_keeps_operators_visible_to_modes(name):
         "sigmoid": lambda: pyops.functional.sigmoid(x),
         "batch_norm": lambda: pyops.functional.batch_norm(x, None, None, training=True),
         "conv2d": lambda: pyops.functional.conv2d(x, w),
+        "conv_transpose2d": lambda: pyops.functional.conv_transpose2d(x, w.transpose(0, 1), stride=2),
     }
     eager = calls[name]()
     eager.backward(torch.ones_like(eager))
@@ -129,11 +130,32 @@ def test_eager_shortcut_keeps_operators_visible_to_modes(name):
     assert torch.equal(moded[0], eager) and torch.equal(x.grad, grad)
 
 
+@pytest.mark.parametrize("name,node", [("batch_norm", "BatchNormNode"), ("conv2d", "ConvNode"),
+                                       ("conv_transpose2d", "ConvNode")])
+def test_cpu_calls_needing_gradients_build_the_cpp_node(name, node):
+    """Plain eager CPU calls that need a gradient record one C++ autograd node (csrc/autograd.h),
+    not the Python Function; an empty conv input still takes the Function, and under a
+    dispatch mode the Function runs (test_eager_shortcut_keeps_operators_visible_to_modes
+    checks that both give the same values and gradients)."""
+    w = torch.randn(3, 3, 3, 3)
+    calls = {
+        "batch_norm": lambda t, train: pyops.functional.batch_norm(t, torch.zeros(3), torch.ones(3), training=train),
+        "conv2d": lambda t, train: pyops.functional.conv2d(t, w, torch.zeros(3) if train else None),
+        "conv_transpose2d": lambda t, train: pyops.functional.conv_transpose2d(t, w, stride=2),
+    }
+    for train in (True, False):
+        y = calls[name](torch.randn(2, 3, 6, 6, requires_grad=True), train)
+        assert node in y.grad_fn.name(), y.grad_fn.name()
+    if name != "batch_norm":
+        y = calls[name](torch.randn(0, 3, 6, 6, requires_grad=True), True)
+        assert "Function" in y.grad_fn.name() and node not in y.grad_fn.name(), y.grad_fn.name()
+
+
 @pytest.mark.parametrize("name", ["avg_pool2d", "max_pool2d", "sigmoid", "batch_norm", "conv2d", "conv_transpose2d"])
 def test_no_autograd_node_without_grad(name, monkeypatch):
     """With no argument needing a gradient (torch.no_grad, or none requires it) the
     functional calls run the Function's forward without Function.apply; with one that
-    needs it they go through apply. The two give the same result."""
+    needs it they go through apply (or the C++ node, on the CPU). The two give the same result."""
     from pyops.ops import batch_norm, conv, pooling, sigmoid
 
     x = torch.randn(2, 3, 6, 6)

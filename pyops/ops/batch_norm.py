@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
-from .._library import apply_function, op, plain_eager
+from .._library import apply_function, builds_cpp_node, op
 from .._tensor import suggests_channels_last
 from ._launch import cdiv, device_guard, launch_elementwise, needs_int64, sm_count
 
@@ -330,15 +330,9 @@ class BatchNormFunction(torch.autograd.Function):
 
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                bias: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
-    """Batch norm with autograd, arguments already checked: ``BatchNormFunction`` or its C++ twin.
-
-    A CPU call in plain eager mode that needs gradients builds the C++ autograd node
-    (``batch_norm_autograd``: the same operators, without the Python Function's ~60 us
-    per layer); everything else (CUDA, tracing, dispatch modes, no grad) takes the Function.
-    """
-    args = (x, running_mean, running_var, weight, bias)
-    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-            and plain_eager(args) and select(*args) == "cpp"):
+    """Batch norm with autograd, arguments already checked: ``BatchNormFunction`` or, where
+    ``builds_cpp_node`` says so, its C++ twin ``batch_norm_autograd`` (same kernels)."""
+    if builds_cpp_node((x, weight, bias), (x, running_mean, running_var, weight, bias)):
         _check_running(running_mean, running_var)
         nlc = is_nlc(x)
         return cpp_extension().batch_norm_autograd(x, as_ncl(x.detach(), nlc), running_mean, running_var, weight,

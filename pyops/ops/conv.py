@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
-from .._library import op
+from .._library import apply_function, builds_cpp_node, op
 from ._launch import cdiv as _cdiv
 from ._launch import device_guard, needs_int64
 from ._launch import sm_count as _sm_count
@@ -343,3 +343,13 @@ class ConvTranspose2dFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = conv2d_bias_grad(grad, cl)
         return gx, gw, gb, None, None, None, None, None, None
+
+
+def conv(function: type[torch.autograd.Function], x: Tensor, w: Tensor, bias: Tensor | None, stride: list[int],
+         padding: list[int], dilation: list[int], groups: int, out_hw: list[int], channels_last: bool) -> Tensor:
+    """``Conv2dFunction`` or ``ConvTranspose2dFunction`` on checked 4-D arguments or, where
+    ``builds_cpp_node`` says so (and x, w are not empty), the C++ node ``conv2d_autograd``."""
+    if x.numel() and w.numel() and builds_cpp_node((x, w, bias), (x, w, bias)):
+        return cpp_extension().conv2d_autograd(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last,
+                                               function is ConvTranspose2dFunction)
+    return apply_function(function, x, w, bias, stride, padding, dilation, groups, out_hw, channels_last)
