@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "autograd.h"
@@ -100,8 +101,60 @@ inline void zero_border_columns(T* __restrict block, int64_t rows, int64_t W, in
   }
 }
 
-// Patch rows of at most this many pixels (2x2 to 4x4 planes) are built element by element.
+// Patch rows of at most this many pixels (2x2 to 4x4 planes) are built element by element,
+// from a copy of the channel's plane with its zero border around it (im2col_tiny): a call
+// per run of 1-16 elements, or a bounds test per element, costs more than the data.
 constexpr int64_t kTinyPatchRow = 16;
+
+// dst[0, n) = src[0, n) for a run of n <= 16 elements: one masked load and store in an
+// AVX-512 build (float, and double up to 8), a loop otherwise.
+template <typename T>
+inline void copy_short(const T* __restrict src, T* __restrict dst, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (n <= 8) {
+      const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+      _mm512_mask_storeu_pd(dst, m, _mm512_maskz_loadu_pd(m, src));
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// The patch rows of output rows [oh0, oh1) of one channel's plane (rows ld apart), through
+// `padded`, a scratch the plane's rows under them are copied into with the zero border
+// every tap may reach: row i, column j of it hold input (oh0 * sh + i - ph, j - pw).
+template <typename T>
+void im2col_tiny(const T* __restrict plane, T* __restrict col, const Geom& g, int64_t oh0, int64_t oh1, int64_t ld,
+                 std::vector<T>& padded) {
+  const int64_t Hp = (oh1 - 1 - oh0) * g.sh + (g.R - 1) * g.dh + 1, Wp = (g.OW - 1) * g.sw + (g.S - 1) * g.dw + 1;
+  padded.assign(Hp * Wp, T(0));
+  for (int64_t i = 0; i < Hp; ++i) {
+    const int64_t h = oh0 * g.sh + i - g.ph;
+    if (h < 0 || h >= g.H) continue;
+    const int64_t j0 = std::max<int64_t>(0, g.pw), j1 = std::min(Wp, g.W + g.pw);
+    for (int64_t j = j0; j < j1; ++j) padded[i * Wp + j] = plane[h * g.W + j - g.pw];
+  }
+  const T* __restrict pp = padded.data();
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t s = 0; s < g.S; ++s) {
+      T* row = col + (r * g.S + s) * ld;
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const T* src = pp + ((oh - oh0) * g.sh + r * g.dh) * Wp + s * g.dw;
+        T* dst = row + (oh - oh0) * g.OW;
+        if (g.sw == 1) {
+          copy_short(src, dst, g.OW);
+        } else {
+          for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = src[ow * g.sw];
+        }
+      }
+    }
+}
 
 // col (Cg*R*S, (oh1-oh0)*OW), rows ld apart (default: packed): the patches of output rows
 // [oh0, oh1) of channels [c0, c1) (default: all) of one image's group (x points at its
@@ -113,6 +166,12 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
   if (ld < 0) ld = cols;
   if (c1 < 0) c1 = g.Cg();
   const bool runs = whole_plane_runs(g);
+  if (cols <= kTinyPatchRow) {
+    std::vector<T> padded;
+    for (int64_t c = c0; c < c1; ++c)
+      im2col_tiny(x + c * g.H * g.W, col + c * g.R * g.S * ld, g, oh0, oh1, ld, padded);
+    return;
+  }
   for (int64_t c = c0; c < c1; ++c) {
     const T* plane = x + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
@@ -121,16 +180,6 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
         int64_t lo, hi;
         const int64_t woff = s * g.dw - g.pw;
         valid_range(woff, g.sw, g.W, g.OW, lo, hi);
-        if (cols <= kTinyPatchRow) {  // element loops: a call per run of 1-16 elements costs more than its data
-          for (int64_t oh = oh0; oh < oh1; ++oh) {
-            T* dst = row + (oh - oh0) * g.OW;
-            const int64_t h = oh * g.sh - g.ph + r * g.dh;
-            const bool in = h >= 0 && h < g.H;
-            const T* src = plane + (in ? h : 0) * g.W + woff;
-            for (int64_t ow = 0; ow < g.OW; ++ow) dst[ow] = in && ow >= lo && ow < hi ? src[ow * g.sw] : T(0);
-          }
-          continue;
-        }
         if (runs) {
           const PlaneRun p = plane_run(g, r * g.dh - g.ph, woff, oh0, oh1);
           T* dst = row + (p.a - oh0) * g.W;
