@@ -56,11 +56,16 @@ View view_of(const at::Tensor& x, bool channels_last, const char* name) {
   return {N, C, L, channels_last};
 }
 
-// Same shape, dtype and storage order (strides of size-1 dimensions do not matter).
-void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
-  bool same = a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type();
+// Same shape and storage order (strides of size-1 dimensions do not matter).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  bool same = a.sizes() == b.sizes();
   for (int64_t d = 0; same && d < a.dim(); ++d) same = a.size(d) <= 1 || a.stride(d) == b.stride(d);
-  TORCH_CHECK(same, an, " and ", bn, " must have the same shape, strides and dtype");
+  return same;
+}
+
+void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(same_layout(a, b) && a.scalar_type() == b.scalar_type(), an, " and ", bn,
+              " must have the same shape, strides and dtype");
 }
 
 // A per-channel vector of C values as doubles (running stats, weights, stats rows).
@@ -89,6 +94,13 @@ struct Moments {
     n = total;
   }
 };
+
+// Partial p of channel c in a (P, 3, C) tensor of (count, mean, biased variance) rows.
+inline void store_moments(double* out, int64_t p, int64_t C, int64_t c, const Moments& m) {
+  out[(p * 3 + 0) * C + c] = m.n;
+  out[(p * 3 + 1) * C + c] = m.mean;
+  out[(p * 3 + 2) * C + c] = m.n > 0 ? m.m2 / m.n : 0.0;
+}
 
 // Row reductions. `omp simd reduction` lets the compiler keep vector partial sums (a
 // fixed order for a given build, so results are reproducible); plain loops, or lane
@@ -263,11 +275,7 @@ void partial_stats_small(const at::Tensor& x, const View& v, const Split& s, at:
       sum_planes(a, nc, L, sums.data());
       for (int64_t c = 0; c < nc; ++c) m[c].merge(count, tm[c], static_cast<double>(sums[c]));
     }
-    for (int64_t c = 0; c < nc; ++c) {
-      out[(k * 3 + 0) * C + c0 + c] = m[c].n;
-      out[(k * 3 + 1) * C + c0 + c] = m[c].mean;
-      out[(k * 3 + 2) * C + c0 + c] = m[c].n > 0 ? m[c].m2 / m[c].n : 0.0;
-    }
+    for (int64_t c = 0; c < nc; ++c) store_moments(out, k, C, c0 + c, m[c]);
   });
 }
 
@@ -335,9 +343,7 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
                   row_sq_dev<scalar_t, opmath_t>(row + i, len, static_cast<opmath_t>(tm)));
         }
       }
-      out[(k * 3 + 0) * C + c] = m.n;
-      out[(k * 3 + 1) * C + c] = m.mean;
-      out[(k * 3 + 2) * C + c] = m.n > 0 ? m.m2 / m.n : 0.0;
+      store_moments(out, k, C, c, m);
       return;
     }
     std::vector<Moments> m(C);
@@ -367,11 +373,7 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
         }
       for (int64_t ch = 0; ch < C; ++ch) m[ch].merge(static_cast<double>(rows), tm_d[ch], a[ch]);
     }
-    for (int64_t ch = 0; ch < C; ++ch) {
-      out[(k * 3 + 0) * C + ch] = m[ch].n;
-      out[(k * 3 + 1) * C + ch] = m[ch].mean;
-      out[(k * 3 + 2) * C + ch] = m[ch].n > 0 ? m[ch].m2 / m[ch].n : 0.0;
-    }
+    for (int64_t ch = 0; ch < C; ++ch) store_moments(out, k, C, ch, m[ch]);
   });
 }
 
@@ -708,9 +710,7 @@ using torch::autograd::variable_list;
 // `grad` in the storage order of the (N, C, L) view x3 (copied only when it is not).
 at::Tensor like_view(const at::Tensor& grad, const at::Tensor& x3) {
   at::Tensor g = grad.reshape(x3.sizes());
-  bool same = true;
-  for (int64_t d = 0; same && d < g.dim(); ++d) same = g.size(d) <= 1 || g.stride(d) == x3.stride(d);
-  if (same) return g;
+  if (same_layout(g, x3)) return g;
   at::Tensor out = empty_like_view(x3);
   out.copy_(g);
   return out;
