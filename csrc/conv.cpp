@@ -1301,69 +1301,148 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+struct ConvConf {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  bool channels_last;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["channels_last"] = channels_last;
+  }
+  static ConvConf load(AutogradContext* ctx) {
+    return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["groups"].toInt(),
+            ctx->saved_data["channels_last"].toBool()};
+  }
+  at::TensorOptions layout(const at::Tensor& like) const {
+    return like.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                      : at::MemoryFormat::Contiguous);
+  }
+};
+
+std::vector<int64_t> hw_of(const at::Tensor& t) { return {t.size(2), t.size(3)}; }
+
 // conv2d (transposed = false) or conv_transpose2d as a C++ autograd node (see autograd.h),
 // with the same entries as Conv2dFunction / ConvTranspose2dFunction: conv_transpose2d's
 // forward is conv2d's input gradient, its input gradient conv2d's forward and its weight
 // gradient conv2d's with input and output gradient swapped. Non-empty x and w only (the
 // Python Functions handle empty ones).
+//
+// As in Python, the family is closed under differentiation: when the backward's own graph
+// is recorded (create_graph), the gradients are these nodes again (the input gradient is
+// the other direction's ConvNode, the weight gradient ConvWeightGradNode, the bias
+// gradient ChannelSumNode), so they differentiate to any order.
 struct ConvNode : public torch::autograd::Function<ConvNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
                             const c10::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                             std::vector<int64_t> out_hw, bool channels_last, bool transposed) {
     TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && out_hw.size() == 2, "conv: 4-D input and weight expected");
-    const auto options = x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                 : at::MemoryFormat::Contiguous);
+    const ConvConf conf{std::move(stride), std::move(padding), std::move(dilation), groups, channels_last};
     at::Tensor y;
     if (transposed) {
-      y = at::empty({x.size(0), w.size(1) * groups, out_hw[0], out_hw[1]}, options);
-      conv2d_input_grad(x, w, bias, y, stride, padding, dilation, groups, channels_last);
+      y = at::empty({x.size(0), w.size(1) * groups, out_hw[0], out_hw[1]}, conf.layout(x));
+      conv2d_input_grad(x, w, bias, y, conf.stride, conf.padding, conf.dilation, groups, channels_last);
     } else {
-      y = at::empty({x.size(0), w.size(0), out_hw[0], out_hw[1]}, options);
-      conv2d_forward(x, w, bias, y, stride, padding, dilation, groups, channels_last);
+      y = at::empty({x.size(0), w.size(0), out_hw[0], out_hw[1]}, conf.layout(x));
+      conv2d_forward(x, w, bias, y, conf.stride, conf.padding, conf.dilation, groups, channels_last);
     }
     ctx->save_for_backward({x, w});
-    ctx->saved_data["stride"] = stride;
-    ctx->saved_data["padding"] = padding;
-    ctx->saved_data["dilation"] = dilation;
-    ctx->saved_data["groups"] = groups;
-    ctx->saved_data["channels_last"] = channels_last;
+    conf.save(ctx);
     ctx->saved_data["transposed"] = transposed;
     ctx->saved_data["has_bias"] = static_cast<bool>(given(bias));
     return y;
   }
 
+  static at::Tensor apply_conf(const at::Tensor& x, const at::Tensor& w, const ConvConf& c,
+                               std::vector<int64_t> out_hw, bool transposed) {
+    return ConvNode::apply(x, w, c10::optional<at::Tensor>(), c.stride, c.padding, c.dilation, c.groups,
+                           std::move(out_hw), c.channels_last, transposed);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads);
+};
+
+// conv2d's weight gradient as a function of (output gradient dy, input x): bilinear, its
+// gradient with respect to dy is conv2d(x, gg), with respect to x conv_transpose2d(dy, gg).
+struct ConvWeightGradNode : public torch::autograd::Function<ConvWeightGradNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& dy, const at::Tensor& x,
+                            std::vector<int64_t> weight_size, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                            bool channels_last) {
+    const ConvConf conf{std::move(stride), std::move(padding), std::move(dilation), groups, channels_last};
+    at::Tensor dw = at::empty(weight_size, dy.options().memory_format(at::MemoryFormat::Contiguous));
+    conv2d_weight_grad(dy, x, dw, conf.stride, conf.padding, conf.dilation, groups, channels_last);
+    ctx->save_for_backward({dy, x});
+    conf.save(ctx);
+    return dw;
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &g = grads[0];
-    const auto stride = ctx->saved_data["stride"].toIntVector();
-    const auto padding = ctx->saved_data["padding"].toIntVector();
-    const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    const int64_t groups = ctx->saved_data["groups"].toInt();
-    const bool cl = ctx->saved_data["channels_last"].toBool(), transposed = ctx->saved_data["transposed"].toBool();
-    const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    return once_differentiable(grads, [&] {
-      variable_list out(10);
-      if (ctx->needs_input_grad(0)) {
-        out[0] = at::empty(x.sizes(), x.options().memory_format(format));
-        if (transposed) {
-          conv2d_forward(g, w, c10::nullopt, out[0], stride, padding, dilation, groups, cl);
-        } else {
-          conv2d_input_grad(g, w, c10::nullopt, out[0], stride, padding, dilation, groups, cl);
-        }
-      }
-      if (ctx->needs_input_grad(1)) {
-        out[1] = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
-        conv2d_weight_grad(transposed ? x : g, transposed ? g : x, out[1], stride, padding, dilation, groups, cl);
-      }
-      if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
-        out[2] = at::empty({g.size(1)}, g.options());
-        channel_sum(g, out[2], cl);
-      }
-      return out;
-    });
+    const at::Tensor &dy = saved[0], &x = saved[1], &gg = grads[0];
+    const ConvConf conf = ConvConf::load(ctx);
+    variable_list out(8);
+    if (ctx->needs_input_grad(0)) out[0] = ConvNode::apply_conf(x, gg, conf, hw_of(dy), false);
+    if (ctx->needs_input_grad(1)) out[1] = ConvNode::apply_conf(dy, gg, conf, hw_of(x), true);
+    return out;
   }
 };
+
+// Per-channel sum of an (N, C, H, W) gradient (the bias gradient); its gradient broadcasts back.
+struct ChannelSumNode : public torch::autograd::Function<ChannelSumNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g, bool channels_last) {
+    at::Tensor out = at::empty({g.size(1)}, g.options());
+    channel_sum(g, out, channels_last);
+    ctx->saved_data["sizes"] = g.sizes().vec();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {grads[0].view({1, -1, 1, 1}).expand(ctx->saved_data["sizes"].toIntVector()), at::Tensor()};
+  }
+};
+
+variable_list ConvNode::backward(AutogradContext* ctx, variable_list grads) {
+  const auto saved = ctx->get_saved_variables();
+  const at::Tensor &x = saved[0], &w = saved[1], &g = grads[0];
+  const ConvConf c = ConvConf::load(ctx);
+  const bool transposed = ctx->saved_data["transposed"].toBool();
+  const bool bias_grad = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+  // the weight gradient's (conv output gradient, conv input): swapped for the transposed conv
+  const at::Tensor &wg_dy = transposed ? x : g, &wg_x = transposed ? g : x;
+  variable_list out(10);
+  if (at::GradMode::is_enabled()) {  // create_graph: differentiable gradients
+    if (ctx->needs_input_grad(0)) out[0] = ConvNode::apply_conf(g, w, c, hw_of(x), !transposed);
+    if (ctx->needs_input_grad(1)) {
+      out[1] = ConvWeightGradNode::apply(wg_dy, wg_x, w.sizes().vec(), c.stride, c.padding, c.dilation, c.groups,
+                                         c.channels_last);
+    }
+    if (bias_grad) out[2] = ChannelSumNode::apply(g, c.channels_last);
+    return out;
+  }
+  if (ctx->needs_input_grad(0)) {
+    out[0] = at::empty(x.sizes(), c.layout(x));
+    if (transposed) {
+      conv2d_forward(g, w, c10::nullopt, out[0], c.stride, c.padding, c.dilation, c.groups, c.channels_last);
+    } else {
+      conv2d_input_grad(g, w, c10::nullopt, out[0], c.stride, c.padding, c.dilation, c.groups, c.channels_last);
+    }
+  }
+  if (ctx->needs_input_grad(1)) {
+    out[1] = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+    conv2d_weight_grad(wg_dy, wg_x, out[1], c.stride, c.padding, c.dilation, c.groups, c.channels_last);
+  }
+  if (bias_grad) {
+    out[2] = at::empty({g.size(1)}, g.options());
+    channel_sum(g, out[2], c.channels_last);
+  }
+  return out;
+}
 
 }  // namespace
 

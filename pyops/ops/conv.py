@@ -19,7 +19,6 @@ import os
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
@@ -291,7 +290,12 @@ def _(grad, channels_last):
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """conv2d of a 4-D input: forward and all three gradients from pyops' operators."""
+    """conv2d of a 4-D input: forward and all three gradients from pyops' operators.
+
+    The gradients are Functions of this family too (conv's input gradient is
+    ConvTranspose2dFunction, its weight gradient ConvWeightGradFunction), so gradients
+    taken with ``create_graph`` differentiate again, to any order.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias, stride, padding, dilation, groups, out_hw, channels_last):
@@ -301,19 +305,9 @@ class Conv2dFunction(torch.autograd.Function):
         return conv2d_forward(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        stride, padding, dilation, groups, cl = ctx.conf
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = conv2d_input_grad(grad, w, None, list(x.shape), stride, padding, dilation, groups,
-                                   cl)
-        if ctx.needs_input_grad[1]:
-            gw = conv2d_weight_grad(grad, x, list(w.shape), stride, padding, dilation, groups, cl)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = conv2d_bias_grad(grad, cl)
-        return gx, gw, gb, None, None, None, None, None, None
+        return _backward(ctx, grad, x, w, ConvTranspose2dFunction, (grad, x))
 
 
 class ConvTranspose2dFunction(torch.autograd.Function):
@@ -329,20 +323,66 @@ class ConvTranspose2dFunction(torch.autograd.Function):
                                  channels_last)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
+        # the transposed conv's output plays conv's input, its input conv's output gradient
+        return _backward(ctx, grad, x, w, Conv2dFunction, (x, grad))
+
+
+def _backward(ctx, grad: Tensor, x: Tensor, w: Tensor, input_function, weight_args: tuple) -> tuple:
+    """Both Functions' gradients: ``input_function`` (the other direction) on the gradient
+    for x, ConvWeightGradFunction on ``weight_args`` = (conv output gradient, conv input)
+    for w, the per-channel sum for the bias."""
+    stride, padding, dilation, groups, cl = ctx.conf
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = apply_function(input_function, grad, w, None, stride, padding, dilation, groups, list(x.shape[2:]), cl)
+    if ctx.needs_input_grad[1]:
+        gw = apply_function(ConvWeightGradFunction, *weight_args, list(w.shape), ctx.conf)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = apply_function(ChannelSumFunction, grad, cl)
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+class ConvWeightGradFunction(torch.autograd.Function):
+    """conv2d's weight gradient as a function of (output gradient ``dy``, input ``x``).
+
+    Bilinear: with respect to dy it is conv2d of x by the incoming weight-shaped
+    gradient, with respect to x the transposed conv of dy by it. ``conf`` is
+    (stride, padding, dilation, groups, channels_last).
+    """
+
+    @staticmethod
+    def forward(ctx, dy: Tensor, x: Tensor, weight_size: list[int], conf):
+        ctx.save_for_backward(dy, x)
+        ctx.conf = conf
+        return conv2d_weight_grad(dy, x, weight_size, *conf)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        dy, x = ctx.saved_tensors
         stride, padding, dilation, groups, cl = ctx.conf
-        gx = gw = gb = None
+        d_dy = d_x = None
         if ctx.needs_input_grad[0]:
-            gx = conv2d_forward(grad, w, None, stride, padding, dilation, groups, list(x.shape[2:]),
-                                cl)
+            d_dy = apply_function(Conv2dFunction, x, gg, None, stride, padding, dilation, groups,
+                                  list(dy.shape[2:]), cl)
         if ctx.needs_input_grad[1]:
-            # the transposed conv's output plays conv's input, its input conv's output gradient
-            gw = conv2d_weight_grad(x, grad, list(w.shape), stride, padding, dilation, groups, cl)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = conv2d_bias_grad(grad, cl)
-        return gx, gw, gb, None, None, None, None, None, None
+            d_x = apply_function(ConvTranspose2dFunction, dy, gg, None, stride, padding, dilation, groups,
+                                 list(x.shape[2:]), cl)
+        return d_dy, d_x, None, None
+
+
+class ChannelSumFunction(torch.autograd.Function):
+    """Per-channel sum of an (N, C, H, W) gradient (the bias gradient); its gradient broadcasts back."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, channels_last: bool):
+        ctx.shape = grad.shape
+        return conv2d_bias_grad(grad, channels_last)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        return gg.view(1, -1, 1, 1).expand(ctx.shape), None
 
 
 def conv(function: type[torch.autograd.Function], x: Tensor, w: Tensor, bias: Tensor | None, stride: list[int],

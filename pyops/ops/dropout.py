@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import op
+from .._library import apply_function, op
 from .._tensor import dense, dense_strides, with_strides
 from ._launch import launch_elementwise
 
@@ -78,7 +77,11 @@ def _(x: Tensor, seed_offset: Tensor, p: float) -> None:
 
 
 class DropoutFunction(torch.autograd.Function):
-    """Dropout with a fixed (seed, offset); saves that pair, never a mask."""
+    """Dropout with a fixed (seed, offset); saves that pair, never a mask.
+
+    Dropout is linear with a fixed mask: its backward is this Function again on the
+    gradient (same pair, same element order), so it differentiates any number of times.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, seed_offset: Tensor, p: float, inplace: bool) -> Tensor:
@@ -94,8 +97,7 @@ class DropoutFunction(torch.autograd.Function):
         return dropout_op(x, seed_offset, p)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
         (seed_offset,) = ctx.saved_tensors
         grad = with_strides(grad_output, ctx.stride)
-        return dropout_op(grad, seed_offset, ctx.p), None, None, None
+        return apply_function(DropoutFunction, grad, seed_offset, ctx.p, False), None, None, None

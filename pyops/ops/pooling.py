@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import op
+from .._library import apply_function, op
 from .._pool import is_channels_last, output_size
 from ._launch import launch_elementwise, needs_int64
 
@@ -115,12 +114,32 @@ class MaxPool2dFunction(torch.autograd.Function):
         return out, indices
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, _grad_indices):
         if grad_output is None:  # only the indices were used
             return None, None
         (indices,) = ctx.saved_tensors
-        return max_pool2d_backward(grad_output, indices, *ctx.geometry), None
+        return apply_function(MaxPool2dBackwardFunction, grad_output, indices, ctx.geometry), None
+
+
+class MaxPool2dBackwardFunction(torch.autograd.Function):
+    """Max pooling's input gradient as a function of the output gradient (linear in it).
+
+    Its own gradient reads the incoming gradient at each window's argmax (a gather by the
+    saved indices); with respect to the pooled input it is zero almost everywhere, as in
+    torch. ``geometry`` is MaxPool2dFunction's.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_output: Tensor, indices: Tensor, geometry):
+        ctx.save_for_backward(indices)
+        return max_pool2d_backward(grad_output, indices, *geometry)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        (indices,) = ctx.saved_tensors
+        flat = indices.reshape(*indices.shape[:2], -1)
+        picked = gg.reshape(*gg.shape[:2], -1).gather(2, flat)
+        return picked.view(indices.shape[0], indices.shape[1], *indices.shape[2:]), None, None
 
 
 # ---------------------------------------------------------------- average pooling
@@ -188,12 +207,26 @@ class AvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, args):
         kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = args
+        ctx.args = args
         ctx.geometry = (list(x.shape), is_channels_last(x), kernel, stride, padding, count_include_pad,
                         divisor_override)
         return avg_pool2d_forward(x, kernel, stride, padding, ceil_mode, count_include_pad,
                                   divisor_override)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        return avg_pool2d_backward(grad_output, *ctx.geometry), None
+        return apply_function(AvgPool2dBackwardFunction, grad_output, ctx.args, ctx.geometry), None
+
+
+class AvgPool2dBackwardFunction(torch.autograd.Function):
+    """Average pooling's input gradient, linear in the output gradient: its own gradient is
+    average pooling (the adjoint: same windows, same divisors) of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, grad_output: Tensor, args, geometry):
+        ctx.args = args
+        return avg_pool2d_backward(grad_output, *geometry)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        return apply_function(AvgPool2dFunction, gg, ctx.args), None, None

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import op
+from .._library import apply_function, op
 from .._tensor import dense, with_strides
 from ._launch import launch_elementwise
 
@@ -58,7 +57,11 @@ def _(grad_output: Tensor, output: Tensor) -> Tensor:
 
 
 class SigmoidFunction(torch.autograd.Function):
-    """Sigmoid whose forward and backward both run pyops kernels; saves only the output."""
+    """Sigmoid whose forward and backward both run pyops kernels; saves only the output.
+
+    The backward is itself a Function (SigmoidBackwardFunction), so ``create_graph``
+    gradients differentiate again: double backward, as torch.sigmoid.
+    """
 
     # forward(ctx, ...) rather than setup_context: Function.apply binds a setup_context
     # forward's signature with inspect on every call (tens of microseconds).
@@ -69,7 +72,26 @@ class SigmoidFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tensor:
         (output,) = ctx.saved_tensors
+        return apply_function(SigmoidBackwardFunction, grad_output, output)
+
+
+class SigmoidBackwardFunction(torch.autograd.Function):
+    """grad_input = g * y * (1 - y) as a function of both g and the forward's output y.
+
+    d/dg is the same kernel on the incoming gradient; d/dy = gg * g * (1 - 2y) is
+    plain tensor arithmetic, differentiable in turn.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_output: Tensor, output: Tensor) -> Tensor:
+        ctx.save_for_backward(grad_output, output)
         return sigmoid_backward(grad_output, output)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        grad_output, output = ctx.saved_tensors
+        d_grad = apply_function(SigmoidBackwardFunction, gg, output) if ctx.needs_input_grad[0] else None
+        d_output = gg * grad_output * (1 - 2 * output) if ctx.needs_input_grad[1] else None
+        return d_grad, d_output

@@ -5,6 +5,9 @@ ceil_mode, count_include_pad, divisor_override, momentum, dtypes, memory formats
 non-contiguous views; each example runs pyops and torch on the same input and compares
 outputs and gradients in float64 (float32 examples against a float64 reference).
 
+On the C++ backend the gradients of conv2d, conv_transpose2d, both poolings and sigmoid
+are differentiated again (double backward) and compared too.
+
 Budgets: the C++ backend gets FUZZ_EXAMPLES examples per op, the Triton interpreter a
 few (it is slow). ``pytest --long`` (or PYOPS_FUZZ=long) runs thousands. A failing
 example found here is fixed and kept as an ``@example`` regression case.
@@ -50,8 +53,12 @@ def _layout(x, draw_format):
     return x
 
 
-def _check(ours_fn, theirs_fn, inputs, dtype, device, atol=None):
-    """Run ours on (inputs in dtype, on device) and theirs in float64; compare outputs and every grad."""
+def _check(ours_fn, theirs_fn, inputs, dtype, device, atol=None, second_order=False):
+    """Run ours on (inputs in dtype, on device) and theirs in float64; compare outputs and every grad.
+
+    ``second_order``: the gradients are taken with create_graph and differentiated again
+    (a fixed direction through every gradient, including the incoming one's), compared too.
+    """
     ours_in = [t.to(dtype).to(device).requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
     ref_in = [t.to(dtype).double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
     out = ours_fn(*ours_in)
@@ -62,10 +69,25 @@ def _check(ours_fn, theirs_fn, inputs, dtype, device, atol=None):
     grads = [t for t in ours_in if t is not None and t.requires_grad]
     if not grads or out.numel() == 0:
         return
+    ref_grads = [t for t in ref_in if t is not None and t.requires_grad]
     g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
-    ours_g = torch.autograd.grad(out, grads, g.to(dtype).to(device), allow_unused=True)
-    ref_g = torch.autograd.grad(ref, [t for t in ref_in if t is not None and t.requires_grad], g)
+    g_ours, g_ref = g.to(dtype).to(device).requires_grad_(second_order), g.clone().requires_grad_(second_order)
+    ours_g = torch.autograd.grad(out, grads, g_ours, allow_unused=True, create_graph=second_order)
+    ref_g = torch.autograd.grad(ref, ref_grads, g_ref, create_graph=second_order)
     for a, b in zip(ours_g, ref_g):
+        torch.testing.assert_close(a.detach().cpu().double(), b.detach(), **tol)
+    if not second_order:
+        return
+
+    def again(first, wrt):
+        total = sum((f * torch.linspace(1, 2, f.numel(), dtype=f.dtype, device=f.device).reshape(f.shape)).sum()
+                    for f in first if f is not None)
+        return torch.autograd.grad(total, wrt, allow_unused=True)
+
+    for a, b in zip(again(ours_g, [*grads, g_ours]), again(ref_g, [*ref_grads, g_ref])):
+        if a is None or b is None:  # unused on one side: the other's must be zero
+            assert (a if b is None else b) is None or not (a if b is None else b).any()
+            continue
         torch.testing.assert_close(a.cpu().double(), b, **tol)
 
 
@@ -120,7 +142,8 @@ def test_fuzz_conv2d(backend, device):
         kw = {"stride": c["stride"], "padding": c["padding"], "dilation": c["dilation"], "groups": c["groups"]}
         with pyops.backend(backend):
             _check(lambda x, w, b: pyops.functional.conv2d(x, w, b, **kw),
-                   lambda x, w, b: F.conv2d(x, w, b, **kw), _conv_inputs(c, False), c["dtype"], device)
+                   lambda x, w, b: F.conv2d(x, w, b, **kw), _conv_inputs(c, False), c["dtype"], device,
+                   second_order=backend == "cpp")
 
     run()
 
@@ -139,7 +162,8 @@ def test_fuzz_conv_transpose2d(backend, device):
             return
         with pyops.backend(backend):
             _check(lambda x, w, b: pyops.functional.conv_transpose2d(x, w, b, **kw),
-                   lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), _conv_inputs(c, True), c["dtype"], device)
+                   lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), _conv_inputs(c, True), c["dtype"], device,
+                   second_order=backend == "cpp")
 
     run()
 
@@ -218,7 +242,7 @@ def test_fuzz_max_pool2d(backend, device):
         assume(not torch.isinf(F.max_pool2d(x.detach(), **kw)).any())
         with pyops.backend(backend):
             _check(lambda t: pyops.functional.max_pool2d(t, **kw), lambda t: F.max_pool2d(t, **kw), [x],
-                   c["dtype"], device)
+                   c["dtype"], device, second_order=backend == "cpp")
             ours = pyops.functional.max_pool2d(x.detach().to(device), return_indices=True, **kw)[1]
         assert torch.equal(ours.cpu(), F.max_pool2d(x.detach(), return_indices=True, **kw)[1])
 
@@ -236,7 +260,7 @@ def test_fuzz_avg_pool2d(backend, device):
                     c["layout"]).requires_grad_()
         with pyops.backend(backend):
             _check(lambda t: pyops.functional.avg_pool2d(t, **kw), lambda t: F.avg_pool2d(t, **kw), [x],
-                   c["dtype"], device)
+                   c["dtype"], device, second_order=backend == "cpp")
 
     run()
 
@@ -301,7 +325,7 @@ def test_fuzz_sigmoid_and_dropout(backend, device):
         x = _layout(torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * scale,
                     layout).requires_grad_()
         with pyops.backend(backend):
-            _check(pyops.functional.sigmoid, torch.sigmoid, [x], dtype, device)
+            _check(pyops.functional.sigmoid, torch.sigmoid, [x], dtype, device, second_order=backend == "cpp")
             xd = x.detach().to(dtype).to(device).requires_grad_()
             y = pyops.functional.dropout(xd, p, training=True)
             (gx,) = torch.autograd.grad(y, xd, torch.ones_like(y))
