@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel and launch config for a GPU target, no GPU needed.
 
-    TRITON_INTERPRET=0 python -m pyops._aot [--arch 90]
+    TRITON_INTERPRET=0 python -m pyops._aot [--arch 90] [--jobs N]
 
 Catches what Triton's interpreter cannot (dot shapes and dtypes, layouts, type rules):
 each kernel is compiled for each dtype, each integer width the launcher can pass and
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 
@@ -139,40 +140,78 @@ def batchnorm_specs(bn):
                 "eps": "fp64", "BLOCK_C": "constexpr"}, {"BLOCK_C": bn.MERGE_BLOCK_C}, 4)
 
 
-def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False) -> list[tuple[str, str]]:
-    """Compile every spec for ``cuda`` sm_``arch``; return [(variant, error)] for those that fail."""
+def _compile(spec, target) -> tuple[str, str | None, float]:
+    """(variant description, error or None, seconds) of one spec compiled for ``target``."""
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    name, fn, signature, constexprs, num_warps = spec
+    variant = f"{name}[{', '.join(f'{k}={v}' for k, v in signature.items() if v != 'constexpr')}; " \
+              f"{constexprs}, num_warps={num_warps}]"
+    t0 = time.perf_counter()
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, None)
+        options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
+        compiled = triton.compile(src, target=target, options=options)
+        if "cubin" not in compiled.asm:
+            raise RuntimeError(f"no cubin produced (stages: {sorted(compiled.asm)})")
+    except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
+        return variant, f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    return variant, None, time.perf_counter() - t0
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(arch: int, warp_size: int) -> None:
+    from triton.backends.compiler import GPUTarget
+
+    _WORKER["specs"] = list(kernel_specs())
+    _WORKER["target"] = GPUTarget("cuda", arch, warp_size)
+
+
+def _worker_compile(index: int) -> tuple[str, str | None, float]:
+    return _compile(_WORKER["specs"][index], _WORKER["target"])
+
+
+def compile_all(arch: int = 90, warp_size: int = 32, verbose: bool = False, jobs: int = 1) -> list[tuple[str, str]]:
+    """Compile every spec for ``cuda`` sm_``arch``; return [(variant, error)] for those that fail.
+
+    ``jobs`` > 1 compiles in that many fresh (spawned) processes; results keep the specs' order.
+    """
+    from triton.backends.compiler import GPUTarget
+
+    count = sum(1 for _ in kernel_specs())
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_worker_init, initargs=(arch, warp_size))
+        with pool:
+            results = pool.map(_worker_compile, range(count), chunksize=8)
+            return _report(results, verbose)
     target = GPUTarget("cuda", arch, warp_size)
+    return _report((_compile(spec, target) for spec in kernel_specs()), verbose)
+
+
+def _report(results, verbose: bool) -> list[tuple[str, str]]:
     failures = []
-    for name, fn, signature, constexprs, num_warps in kernel_specs():
-        variant = f"{name}[{', '.join(f'{k}={v}' for k, v in signature.items() if v != 'constexpr')}; " \
-                  f"{constexprs}, num_warps={num_warps}]"
-        t0 = time.perf_counter()
-        try:
-            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, None)
-            options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
-            compiled = triton.compile(src, target=target, options=options)
-            if "cubin" not in compiled.asm:
-                raise RuntimeError(f"no cubin produced (stages: {sorted(compiled.asm)})")
-        except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
-            failures.append((variant, f"{type(e).__name__}: {e}"))
-            status = "FAIL"
-        else:
-            status = "ok"
+    for variant, error, seconds in results:
+        if error is not None:
+            failures.append((variant, error))
         if verbose:
-            print(f"{status:4s} {time.perf_counter() - t0:6.2f}s {variant}", flush=True)
+            print(f"{'ok' if error is None else 'FAIL':4s} {seconds:6.2f}s {variant}", flush=True)
     return failures
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     args = parser.parse_args(argv)
-    failures = compile_all(args.arch, verbose=True)
+    failures = compile_all(args.arch, verbose=True, jobs=args.jobs)
     for variant, err in failures:
         print(f"FAILED {variant}\n    {err}", file=sys.stderr)
     print(f"{len(failures)} failed" if failures else "all kernels compiled")

@@ -5,6 +5,9 @@ kernels, so the triton backend runs CPU tensors through Triton's interpreter. Wi
 a GPU the Triton kernels compile for it and run on CUDA tensors.
 """
 import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -63,3 +66,37 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--long"):
         os.environ["PYOPS_FUZZ"] = "long"
+
+
+# ---------------------------------------------------------------- the ahead-of-time compile check
+
+AOT_TEST = "test_all_kernels_compile_for_sm90"
+_AOT: dict = {}
+
+
+def aot_compile_process():
+    """(process, output file) of ``python -m pyops._aot --arch 90``, started once per session.
+
+    It runs without TRITON_INTERPRET (the interpreter replaces the kernels it compiles) in
+    the background while the other tests run: ``pytest_collection_modifyitems`` starts it
+    and puts its test last, which then waits for it.
+    """
+    if "proc" not in _AOT:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        out = tempfile.TemporaryFile("w+")
+        _AOT["proc"] = subprocess.Popen([sys.executable, "-P", "-m", "pyops._aot", "--arch", "90"], env=env,
+                                        stdout=out, stderr=subprocess.STDOUT, text=True)
+        _AOT["out"] = out
+    return _AOT["proc"], _AOT["out"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    aot = [item for item in items if item.name == AOT_TEST]
+    if aot:
+        items[:] = [item for item in items if item.name != AOT_TEST] + aot
+        aot_compile_process()
+
+
+def pytest_unconfigure(config):
+    if "proc" in _AOT and _AOT["proc"].poll() is None:  # interrupted run: do not leave it compiling
+        _AOT["proc"].kill()

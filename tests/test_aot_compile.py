@@ -1,24 +1,26 @@
 """Every Triton kernel and launch config compiles ahead of time for the H100 (sm_90).
 
 Runs in a subprocess without TRITON_INTERPRET, since the interpreter replaces the
-kernels this has to compile; no GPU is needed.
+kernels this has to compile; no GPU is needed. conftest starts it when the session
+begins (it overlaps the other tests) and runs this test last.
 """
 import os
-import subprocess
-import sys
 
 import pytest
+
+from conftest import aot_compile_process
 
 pytest.importorskip("triton")
 
 
 def test_all_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-P", "-m", "pyops._aot", "--arch", "90"], env=env,
-                         capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "all kernels compiled" in out.stdout
-    compiled = [line for line in out.stdout.splitlines() if line.startswith("ok")]
+    proc, out = aot_compile_process()
+    returncode = proc.wait(timeout=1800)
+    out.seek(0)
+    stdout = out.read()
+    assert returncode == 0, stdout[-8000:]
+    assert "all kernels compiled" in stdout
+    compiled = [line for line in stdout.splitlines() if line.startswith("ok")]
     from pyops import _aot
 
     assert len(compiled) == len(list(_aot.kernel_specs())) > 100
