@@ -702,10 +702,66 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, con
   return {dx.defined() ? dx : at::empty({0}, x.options()), red.defined() ? red.to(stats_type(x)) : empty()};
 }
 
+// Second derivatives of batch norm: the gradient of
+//   L = <ggx, grad_input> + <ggw, grad_weight> + <ggb, grad_bias>
+// with respect to (grad_output g, input x, weight w), all (N, C, L) views but w (C). Per
+// channel, with s = 1 / sqrt(var + eps), xhat = (x - mean) s, M = N * L and
+// P(v) = v - mean(v) - xhat mean(v xhat) (what training's input gradient applies to g):
+//   training: grad_input = w s P(g), grad_weight = sum(g xhat), grad_bias = sum(g);
+//     d/dg = w s P(ggx) + ggw xhat + ggb
+//     d/dx = -(w s^2 / M) (xhat sum(ggx P(g)) + sum(ggx xhat) P(g)) - w s^2 mean(g xhat) P(ggx)
+//            + ggw s P(g)            (mean and s depend on x)
+//     d/dw = s sum(ggx P(g))
+//   eval (running statistics, constants): grad_input = w s g;
+//     d/dg = w s ggx + ggw xhat + ggb,  d/dx = ggw s g,  d/dw = s sum(ggx g).
+// Tensor arithmetic in float32 (float64 for float64), used only when a backward is itself
+// differentiated (create_graph); its result is once-differentiable. Absent parts: undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
+    const c10::optional<at::Tensor>& ggx_, const c10::optional<at::Tensor>& ggw_,
+    const c10::optional<at::Tensor>& ggb_, const at::Tensor& g_, const at::Tensor& x_,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, double eps,
+    bool training) {
+  const auto op = x_.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto channel = [&](const at::Tensor& t) { return t.to(op).view({1, -1, 1}); };
+  const at::Tensor g = g_.to(op), x = x_.to(op);
+  const at::Tensor s = channel((var.to(op) + eps).rsqrt()), xhat = (x - channel(mean)) * s;
+  const at::Tensor w = weight.has_value() && weight->defined() ? channel(*weight) : at::ones_like(s);
+  const bool has_ggx = ggx_.has_value() && ggx_->defined(), has_ggw = ggw_.has_value() && ggw_->defined();
+  const bool has_ggb = ggb_.has_value() && ggb_->defined();
+  const std::vector<int64_t> dims{0, 2};
+  const auto sum = [&](const at::Tensor& t) { return t.sum(dims, /*keepdim=*/true); };
+  const double M = static_cast<double>(x.size(0) * x.size(2));
+  at::Tensor dg = at::zeros_like(g), dx = at::zeros_like(x), dw = at::zeros_like(s);
+  if (training) {
+    const auto project = [&](const at::Tensor& v) { return v - sum(v) / M - xhat * (sum(v * xhat) / M); };
+    const at::Tensor Pg = project(g);
+    if (has_ggx) {
+      const at::Tensor u = ggx_->to(op), Pu = project(u), u_Pg = sum(u * Pg);
+      dg += w * s * Pu;
+      dx -= w * s * s * ((xhat * u_Pg + sum(u * xhat) * Pg) / M + sum(g * xhat) / M * Pu);
+      dw += s * u_Pg;
+    }
+    if (has_ggw) dx += channel(*ggw_) * s * Pg;
+  } else {
+    if (has_ggx) {
+      const at::Tensor u = ggx_->to(op);
+      dg += w * s * u;
+      dw += s * sum(u * g);
+    }
+    if (has_ggw) dx += channel(*ggw_) * s * g;
+  }
+  if (has_ggw) dg += channel(*ggw_) * xhat;
+  if (has_ggb) dg += channel(*ggb_);
+  return {dg.to(g_.scalar_type()), dx.to(x_.scalar_type()), dw.view({-1})};
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// A saved optional tensor (undefined when it was absent) as the optional argument it was.
+c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
 // `grad` in the storage order of the (N, C, L) view x3 (copied only when it is not).
 at::Tensor like_view(const at::Tensor& grad, const at::Tensor& x3) {
@@ -715,6 +771,40 @@ at::Tensor like_view(const at::Tensor& grad, const at::Tensor& x3) {
   out.copy_(g);
   return out;
 }
+
+// Batch norm's backward as a node of its own, for a backward that is differentiated again
+// (create_graph): (grad_input, grad_weight, grad_bias) of (g3, x3, weight) from the same
+// kernels, with batch_norm_double_backward as its (once-differentiable) gradient.
+struct BatchNormGradNode : public torch::autograd::Function<BatchNormGradNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& g3, const at::Tensor& x3,
+                               const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+                               const c10::optional<at::Tensor>& count, double eps, bool channels_last) {
+    at::Tensor dx, red;
+    std::tie(dx, red) = batch_norm_backward(g3, x3, mean, var, weight, count, eps, true, true, channels_last);
+    const bool training = count.has_value() && count->defined();
+    ctx->save_for_backward({g3, x3, weight.value_or(at::Tensor()), mean, var});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["weight_edge"] = given(weight) ? int64_t{2} : int64_t{-1};
+    return {dx, red.select(0, 2), red.select(0, 3)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &g3 = saved[0], &x3 = saved[1], &weight = saved[2], &mean = saved[3], &var = saved[4];
+    return once_differentiable(grads, [&] {
+      at::Tensor dg, dx, dw;
+      std::tie(dg, dx, dw) = batch_norm_double_backward(opt(grads[0]), opt(grads[1]), opt(grads[2]), g3, x3,
+                                                        opt(weight), mean, var, ctx->saved_data["eps"].toDouble(),
+                                                        ctx->saved_data["training"].toBool());
+      variable_list out(8);
+      out[0] = dg;
+      out[1] = dx;
+      if (ctx->saved_data["weight_edge"].toInt() >= 0) out[2] = dw.to(weight.scalar_type());
+      return out;
+    });
+  }
+};
 
 // Batch norm as a C++ autograd node (see autograd.h): the same two entries as the Python
 // BatchNormFunction (train_forward or apply, then backward); the Function's per-call cost
@@ -741,7 +831,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
       y3 = empty_like_view(x3);
       batch_norm_apply(x3, y3, mean, var, weight, bias, eps, channels_last);
     }
-    ctx->save_for_backward({x3, weight.value_or(at::Tensor()), mean, var, count});
+    ctx->save_for_backward({x3, weight.value_or(at::Tensor()), mean, var, count, x});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["channels_last"] = channels_last;
     ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : x.scalar_type();
@@ -758,18 +848,25 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const int64_t w_edge = ctx->saved_data["weight_edge"].toInt(), b_edge = ctx->saved_data["bias_edge"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = w_edge >= 0 && ctx->needs_input_grad(w_edge),
                need_b = b_edge >= 0 && ctx->needs_input_grad(b_edge);
-    return once_differentiable(grads, [&] {
-      at::Tensor dx, red;
-      std::tie(dx, red) = batch_norm_backward(
-          like_view(grads[0], x3), x3, mean, var, weight.defined() ? c10::optional<at::Tensor>(weight) : c10::nullopt,
-          count.defined() ? c10::optional<at::Tensor>(count) : c10::nullopt, ctx->saved_data["eps"].toDouble(), need_x,
-          need_w || need_b, ctx->saved_data["channels_last"].toBool());
-      variable_list out(10);
-      if (need_x) out[0] = dx.view(grads[0].sizes());
-      if (need_w) out[4] = red.select(0, 2).to(weight.scalar_type());
-      if (need_b) out[5] = red.select(0, 3).to(ctx->saved_data["bias_dtype"].toScalarType());
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool cl = ctx->saved_data["channels_last"].toBool();
+    variable_list out(10);
+    if (at::GradMode::is_enabled()) {  // create_graph: a backward that differentiates again
+      const at::Tensor& x = saved[5];
+      const auto parts = BatchNormGradNode::apply(like_view(grads[0], x3), like_view(x, x3), opt(weight), mean, var,
+                                                  opt(count), eps, cl);
+      if (need_x) out[0] = parts[0].view(grads[0].sizes());
+      if (need_w) out[4] = parts[1].to(weight.scalar_type());
+      if (need_b) out[5] = parts[2].to(ctx->saved_data["bias_dtype"].toScalarType());
       return out;
-    });
+    }
+    at::Tensor dx, red;
+    std::tie(dx, red) = batch_norm_backward(like_view(grads[0], x3), x3, mean, var, opt(weight), opt(count), eps,
+                                            need_x, need_w || need_b, cl);
+    if (need_x) out[0] = dx.view(grads[0].sizes());
+    if (need_w) out[4] = red.select(0, 2).to(weight.scalar_type());
+    if (need_b) out[5] = red.select(0, 3).to(ctx->saved_data["bias_dtype"].toScalarType());
+    return out;
   }
 };
 

@@ -54,6 +54,10 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, con
                                                        const c10::optional<at::Tensor>& weight,
                                                        const c10::optional<at::Tensor>& count, double eps,
                                                        bool need_input, bool need_reduce, bool channels_last);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
+    const c10::optional<at::Tensor>& ggx, const c10::optional<at::Tensor>& ggw, const c10::optional<at::Tensor>& ggb,
+    const at::Tensor& g, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& var, double eps, bool training);
 at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
@@ -85,6 +89,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_train_forward", &pyops::batch_norm_train_forward,
         "batch norm training forward: stats, running stats, normalisation (CPU)");
   m.def("batch_norm_backward", &pyops::batch_norm_backward, "batch norm backward: sums and grad_input (CPU)");
+  m.def("batch_norm_double_backward", &pyops::batch_norm_double_backward,
+        "batch norm's second derivatives (tensor arithmetic, any device)");
   m.def("batch_norm_autograd", &pyops::batch_norm_autograd, "batch norm as a C++ autograd node (CPU)");
   m.def("conv2d_autograd", &pyops::conv2d_autograd, "conv2d / conv_transpose2d as a C++ autograd node (CPU)");
   m.def("simd_level", []() {

@@ -1,9 +1,10 @@
 """Double (and higher) backward: gradients taken with ``create_graph=True`` differentiate again.
 
 conv2d, conv_transpose2d, avg_pool2d, max_pool2d, sigmoid and dropout build their
-backwards from pyops' own differentiable Functions (and, on the CPU, the C++ nodes),
-so ``gradgradcheck`` passes in float64 on both backends; batch_norm raises a clear
-error instead of returning a silently wrong second derivative.
+backwards from pyops' own differentiable Functions (and, on the CPU, the C++ nodes), to
+any order; batch_norm's backward is a Function whose gradient (the second derivative)
+is once-differentiable: a third derivative raises a clear error instead of returning a
+silently wrong one. ``gradgradcheck`` passes in float64 for all seven on both backends.
 """
 import pytest
 import torch
@@ -11,9 +12,18 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import pyops
+import pyops.ops.batch_norm
 import pyops.ops.conv
 from conftest import BACKEND_CASES
 from pyops._dispatch import triton_interpreted
+
+
+def _batch_norm(training):
+    def f(x, w, b):
+        torch.manual_seed(0)
+        rm, rv = torch.randn(x.shape[1], dtype=x.dtype), torch.rand(x.shape[1], dtype=x.dtype) + 0.5
+        return pyops.functional.batch_norm(x, rm.to(x.device), rv.to(x.device), w, b, training, 0.1, 1e-5)
+    return f
 
 
 def _dropout(x):
@@ -30,6 +40,9 @@ CASES = {
     "avg_pool2d": (lambda x: pyops.functional.avg_pool2d(x, 3, 2, padding=1, ceil_mode=True,
                                                          count_include_pad=False), [(1, 2, 6, 5)]),
     "avg_pool2d_divisor": (lambda x: pyops.functional.avg_pool2d(x, 2, 1, divisor_override=3), [(2, 1, 4, 4)]),
+    "batch_norm": (_batch_norm(True), [(3, 2, 2, 3), (2,), (2,)]),
+    "batch_norm_eval": (_batch_norm(False), [(2, 3, 5), (3,), (3,)]),
+    "batch_norm_channels_last": (_batch_norm(True), [(2, 3, 2, 2), (3,), (3,)]),
     "conv2d": (lambda x, w, b: pyops.functional.conv2d(x, w, b, stride=2, padding=1, groups=2),
                [(1, 4, 5, 5), (2, 2, 3, 3), (2,)]),
     "conv2d_dilated": (lambda x, w: pyops.functional.conv2d(x, w, padding="same", dilation=2),
@@ -39,7 +52,7 @@ CASES = {
                          [(1, 4, 3, 3), (4, 1, 3, 3), (2,)]),
 }
 # Through the Triton interpreter (a launch costs milliseconds to seconds): one case per op.
-TRITON_CASES = {"sigmoid", "dropout", "max_pool2d", "avg_pool2d", "conv2d", "conv_transpose2d"}
+TRITON_CASES = {"sigmoid", "dropout", "max_pool2d", "avg_pool2d", "conv2d", "conv_transpose2d", "batch_norm"}
 
 
 def _inputs(shapes, device, channels_last=False):
@@ -54,8 +67,10 @@ def _inputs(shapes, device, channels_last=False):
 
 
 def _force_functions(monkeypatch):
-    """CPU convs that need gradients record the C++ node; this makes them take the Python Functions."""
+    """CPU convs and batch norms that need gradients record the C++ nodes; this makes them take
+    the Python Functions."""
     monkeypatch.setattr(pyops.ops.conv, "builds_cpp_node", lambda *a: False)
+    monkeypatch.setattr(pyops.ops.batch_norm, "builds_cpp_node", lambda *a: False)
 
 
 # (backend, device, conv path): the C++ node or the Python Functions (both exist on the cpp backend)
@@ -66,8 +81,8 @@ PATHS += [(b, d, "function") for b, d in BACKEND_CASES if b == "triton"]
 def _gradgradcheck_params():
     for backend, device, path in PATHS:
         for name in sorted(TRITON_CASES if triton_interpreted() and backend == "triton" else CASES):
-            if path == "function" and backend == "cpp" and not name.startswith("conv"):
-                continue  # the node / Function choice concerns convolutions only
+            if path == "function" and backend == "cpp" and not name.startswith(("conv", "batch_norm")):
+                continue  # the node / Function choice concerns convolutions and batch norm only
             yield pytest.param(backend, device, path, name, id=f"{backend}-{device}-{path}-{name}")
 
 
@@ -77,7 +92,7 @@ def test_gradgradcheck(backend, device, path, name, monkeypatch):
         _force_functions(monkeypatch)
     interpreted = triton_interpreted() and backend == "triton"
     fn, shapes = CASES[name]
-    args = _inputs(shapes, device, channels_last=name == "conv2d_dilated")
+    args = _inputs(shapes, device, channels_last=name in ("conv2d_dilated", "batch_norm_channels_last"))
     with pyops.backend(backend):
         # fast mode (random projections of the Jacobians) keeps the interpreter to a few launches
         assert gradcheck(fn, args, fast_mode=interpreted)
@@ -93,7 +108,8 @@ def test_gradient_penalty_matches_torch(backend, device, path, channels_last, mo
         _force_functions(monkeypatch)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Sigmoid(), torch.nn.MaxPool2d(2, 1),
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Sigmoid(),
+        torch.nn.MaxPool2d(2, 1),
         torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1), torch.nn.AvgPool2d(2),
         torch.nn.Conv2d(2, 1, 1, bias=False)).double().to(device)
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64, device=device)
@@ -138,9 +154,13 @@ def test_conv_third_derivative_matches_torch(path, transposed, monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8)  # values ~1e3: summation order
 
 
-def test_batch_norm_double_backward_raises(backend_device):
-    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=backend_device, requires_grad=True)
+@pytest.mark.parametrize("path", ["cpp_node", "function"])
+def test_batch_norm_third_derivative_raises(backend_device, path, monkeypatch):
+    if path == "function":
+        _force_functions(monkeypatch)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, device=backend_device, requires_grad=True)
     y = pyops.functional.batch_norm(x, None, None, training=True)
-    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+        gg.sum().backward()

@@ -298,7 +298,8 @@ class BatchNormFunction(torch.autograd.Function):
 
     One operator each way (``batch_norm_train`` or ``batch_norm_apply``, then
     ``batch_norm_backward``): on small layers the per-call cost, not the kernels, is
-    most of the time.
+    most of the time. A backward that is differentiated again (create_graph) is
+    BatchNormBackwardFunction, whose own gradient is once-differentiable.
     """
 
     @staticmethod
@@ -312,20 +313,45 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             count, mean, var = None, running_mean, running_var
             y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
-        ctx.save_for_backward(x3, weight, bias, mean, var, count)
+        ctx.save_for_backward(x3, weight, bias, mean, var, count, x)
         ctx.meta = (nlc, eps, x.shape)
         return y3.view(x.shape)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        x3, weight, bias, mean, var, count = ctx.saved_tensors
+        x3, weight, bias, mean, var, count, x = ctx.saved_tensors
         nlc, eps, shape = ctx.meta
         need = ctx.needs_input_grad
-        dx, red = batch_norm_backward(as_ncl(grad_output, nlc), x3, mean, var, weight, count, eps, need[0],
-                                      need[3] or need[4])
+        if torch.is_grad_enabled():  # create_graph
+            dx, gw, gb = BatchNormBackwardFunction.apply(as_ncl(grad_output, nlc), as_ncl(x, nlc), weight, mean, var,
+                                                         count, eps)
+            red = (None, None, gw, gb)
+        else:
+            dx, red = batch_norm_backward(as_ncl(grad_output, nlc), x3, mean, var, weight, count, eps, need[0],
+                                          need[3] or need[4])
         gw, gb = _param_grads(ctx, red, weight, bias, 3)
         return dx.view(shape) if need[0] else None, None, None, gw, gb, None, None, None
+
+
+class BatchNormBackwardFunction(torch.autograd.Function):
+    """Batch norm's (grad_input, grad_weight, grad_bias) as a function of (grad_output, x,
+    weight), (N, C, L) views: the same kernels, and batch_norm_double_backward (csrc/batchnorm.cpp,
+    tensor arithmetic) as its gradient, once-differentiable."""
+
+    @staticmethod
+    def forward(ctx, g3: Tensor, x3: Tensor, weight, mean, var, count, eps: float):
+        dx, red = batch_norm_backward(g3, x3, mean, var, weight, count, eps, True, True)
+        ctx.save_for_backward(g3, x3, weight, mean, var)
+        ctx.eps, ctx.training = eps, count is not None
+        return dx, red[2], red[3]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, ggx, ggw, ggb):
+        g3, x3, weight, mean, var = ctx.saved_tensors
+        dg, dx, dw = cpp_extension().batch_norm_double_backward(ggx, ggw, ggb, g3, x3, weight, mean, var, ctx.eps,
+                                                                ctx.training)
+        return dg, dx, dw.to(weight.dtype) if weight is not None else None, None, None, None, None
 
 
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,

@@ -5,8 +5,8 @@ ceil_mode, count_include_pad, divisor_override, momentum, dtypes, memory formats
 non-contiguous views; each example runs pyops and torch on the same input and compares
 outputs and gradients in float64 (float32 examples against a float64 reference).
 
-On the C++ backend the gradients of conv2d, conv_transpose2d, both poolings and sigmoid
-are differentiated again (double backward) and compared too.
+On the C++ backend the gradients of conv2d, conv_transpose2d, both poolings, batch norm and
+sigmoid are differentiated again (double backward) and compared too.
 
 Budgets: the C++ backend gets FUZZ_EXAMPLES examples per op, the Triton interpreter a
 few (it is slow). ``pytest --long`` (or PYOPS_FUZZ=long) runs thousands. A failing
@@ -283,6 +283,9 @@ def bn_cases(draw):
 def test_fuzz_batch_norm(backend, device):
     @fuzz_settings(backend)
     @given(bn_cases())
+    # eval, float32, shift 100: a weight gradient of 1.3 summed from 770 terms of up to ~100
+    @example({"shape": (2, 3, 5, 7, 11), "training": False, "affine": True, "running": True, "momentum": 0.0,
+              "eps": 1e-05, "shift": 100.0, "layout": "contiguous", "dtype": torch.float32})
     def run(c):
         g = torch.Generator().manual_seed(2)
         C = c["shape"][1]
@@ -306,8 +309,10 @@ def test_fuzz_batch_norm(backend, device):
             return F.batch_norm(x, rm_, rv_, w, b, c["training"], c["momentum"], c["eps"])
 
         with pyops.backend(backend):
-            # the shifted input's float32 rounding (100 * 2^-24) bounds what float32 can match
-            _check(ours, theirs, [x, w, b], c["dtype"], device, atol=2e-3 if c["dtype"] == torch.float32 else None)
+            # the shifted input's float32 rounding (100 * 2^-24) bounds what float32 can match; summed
+            # over a channel (grad_weight: hundreds of terms of ~100 that may cancel) it reaches ~1e-2
+            atol = (1e-2 if c["shift"] else 2e-3) if c["dtype"] == torch.float32 else None
+            _check(ours, theirs, [x, w, b], c["dtype"], device, atol=atol, second_order=backend == "cpp")
         if c["running"]:
             for a, r in zip(stats["ours"], stats["theirs"]):
                 tol = 1e-4 if c["dtype"] == torch.float32 else 1e-10
