@@ -245,16 +245,22 @@ at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int
                          bool transposed) {
   const int64_t T = c.R * c.S, k_blocks = (c.Kout + MR - 1) / MR;
   TORCH_CHECK(static_cast<int64_t>(taps.size()) == T, "tap_conv_pack: expected ", T, " taps");
-  at::Tensor packed = at::zeros({k_blocks * c.Cin * T * MR}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor packed = at::empty({k_blocks * c.Cin * T * MR}, at::TensorOptions().dtype(at::kFloat));
   float* p = packed.data_ptr<float>();
   at::parallel_for(0, k_blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t kb = b0; kb < b1; ++kb) {
-      for (int64_t i = 0; i < MR && kb * MR + i < c.Kout; ++i) {  // reads filters, writes in L2
-        const int64_t k = kb * MR + i;
-        float* dst = p + kb * c.Cin * T * MR + i;
-        for (int64_t ch = 0; ch < c.Cin; ++ch) {
-          const float* src = w + (transposed ? ch * c.Kout + k : k * c.Cin + ch) * w_taps;
-          for (int64_t t = 0; t < T; ++t) dst[(ch * T + t) * MR] = src[taps[t]];
+      const int64_t rows = std::min(MR, c.Kout - kb * MR);  // a tail block's missing filters are zeros
+      float* dst = p + kb * c.Cin * T * MR;
+      for (int64_t ch = 0; ch < c.Cin; ++ch) {  // writes in order: (channel, tap, filter)
+        const float* src[MR];
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t k = kb * MR + i;
+          src[i] = w + (transposed ? ch * c.Kout + k : k * c.Cin + ch) * w_taps;
+        }
+        for (int64_t t = 0; t < T; ++t, dst += MR) {
+          const int64_t tap = taps[t];
+          for (int64_t i = 0; i < rows; ++i) dst[i] = src[i][tap];
+          for (int64_t i = rows; i < MR; ++i) dst[i] = 0.f;
         }
       }
     }
