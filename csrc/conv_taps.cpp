@@ -304,7 +304,10 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
   const int64_t J = c.Cin * c.R * c.S, Kpad = padded_channels(c.Kout), pixels = c.OH * c.OW;
   const int64_t k_blocks = Kpad / WKL, j_blocks = (J + WJ - 1) / WJ;
   const int64_t threads = at::get_num_threads();
-  const int64_t slots = (c.N >= threads && threads > 1) ? threads : 1;
+  // Images over threads need a (J, Kpad) partial sum per thread, zeroed and added up at the
+  // end: worth it when each thread's images hold enough pixels to amortise that, else the
+  // threads split the (channel, tap) blocks of each image (deep layers: 14x14 planes, few images).
+  const int64_t slots = (c.N >= threads && threads > 1 && c.N / threads * pixels >= 512) ? threads : 1;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor scratch = at::zeros({slots, l.scratch}, opts);
   at::Tensor grads = at::empty({slots, pixels * Kpad}, opts);
@@ -339,14 +342,26 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
       });
     }
   }
-  // dw (Kout, J) = the slots' (J, Kpad) sums, transposed, slot 0 first
+  // dw (Kout, J) = the slots' (J, Kpad) sums, transposed, slot 0 first: by 16 x 16 tiles
+  // (rows of the sums read and rows of dw written as runs; a column walk of the sums, Kpad
+  // floats apart, cost a quarter of the whole weight gradient)
+  constexpr int64_t kT = 16;
   const float* p = partial.data_ptr<float>();
-  at::parallel_for(0, c.Kout, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      for (int64_t j = 0; j < J; ++j) {
-        float sum = p[j * Kpad + k];
-        for (int64_t t = 1; t < slots; ++t) sum += p[(t * J + j) * Kpad + k];
-        dw[k * J + j] = sum;
+  at::parallel_for(0, (J + kT - 1) / kT, 1, [&](int64_t b0, int64_t b1) {
+    float tile[kT][kT];
+    for (int64_t j0 = b0 * kT; j0 < std::min(J, b1 * kT); j0 += kT) {
+      const int64_t nj = std::min(kT, J - j0);
+      for (int64_t k0 = 0; k0 < c.Kout; k0 += kT) {
+        const int64_t nk = std::min(kT, c.Kout - k0);
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const float* row = p + (j0 + jj) * Kpad + k0;
+          for (int64_t kk = 0; kk < nk; ++kk) {
+            float sum = row[kk];
+            for (int64_t t = 1; t < slots; ++t) sum += row[t * J * Kpad + kk];
+            tile[kk][jj] = sum;
+          }
+        }
+        for (int64_t kk = 0; kk < nk; ++kk) std::memcpy(dw + (k0 + kk) * J + j0, tile[kk], nj * sizeof(float));
       }
     }
   });
