@@ -1277,9 +1277,15 @@ void channel_sum(const at::Tensor& grad, const at::Tensor& out, bool channels_la
           acc_t total = 0;
           for (int64_t n = 0; n < N; ++n) {
             const scalar_t* plane = p + (n * K + k) * HW;
-            acc_t s = 0;
-            for (int64_t i = 0; i < HW; ++i) s += static_cast<acc_t>(plane[i]);
-            total += s;
+            // eight independent chains (one add chain is latency-bound at ~1 value per 4 cycles;
+            // these vectorise), combined in a fixed order
+            acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0;
+            int64_t i = 0;
+            for (; i + 8 <= HW; i += 8) {
+              for (int64_t j = 0; j < 8; ++j) s[j] += static_cast<acc_t>(plane[i + j]);
+            }
+            for (; i < HW; ++i) tail += static_cast<acc_t>(plane[i]);
+            total += ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
           }
           o[k] = static_cast<scalar_t>(total);
         }
