@@ -79,7 +79,7 @@ def aot_compile_process():
 
     It runs without TRITON_INTERPRET (the interpreter replaces the kernels it compiles) in
     the background while the other tests run: ``pytest_collection_modifyitems`` starts it
-    and puts its test last, which then waits for it.
+    and puts its test last, which then waits for it (under pytest-xdist the test starts it).
     """
     if "proc" not in _AOT:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -94,7 +94,10 @@ def pytest_collection_modifyitems(session, config, items):
     aot = [item for item in items if item.name == AOT_TEST]
     if aot:
         items[:] = [item for item in items if item.name != AOT_TEST] + aot
-        aot_compile_process()
+        # Under pytest-xdist every worker collects every test: the one that runs the AOT
+        # test starts the compile then, rather than each worker at collection.
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            aot_compile_process()
 
 
 def pytest_unconfigure(config):
