@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import sys
 import time
 
@@ -19,7 +20,11 @@ INT_TYPES = ("i32", "i64")  # Triton types a Python int by its value: both width
 
 
 def kernel_specs():
-    """Yield (name, jit function, signature, constexprs, num_warps) for every kernel variant."""
+    """Yield (name, jit function, signature, constexprs, num_warps[, attrs]) for every kernel variant.
+
+    num_warps may be a (num_warps, num_stages) pair; attrs (argument index -> divisibility)
+    describes the aligned variants Triton's JIT makes.
+    """
     from .triton_kernels import batchnorm, common, conv, dropout, pooling, sigmoid
 
     for dt, it, cfg in itertools.product(FLOAT_TYPES, INT_TYPES, sigmoid.CONFIGS):
@@ -68,33 +73,84 @@ def kernel_specs():
                {"BLOCK": 128}, 4)
 
 
+def _aligned(fn, signature: dict, names) -> tuple[dict, dict, dict]:
+    """Signature, extra constexprs and attrs of the variant Triton's JIT makes for aligned tensors.
+
+    Pointers and the integer arguments in ``names`` are divisible by 16, except those given
+    as 1 in ``names``, which the JIT turns into constexpr 1 (a unit stride). Arguments the
+    kernel marks ``do_not_specialize`` get neither, as under the JIT.
+    """
+    signature, constexprs, attrs = dict(signature), {}, {}
+    fixed = {p.name for p in getattr(fn, "params", ()) if p.do_not_specialize}  # (none under the interpreter)
+    for arg, value in names.items():
+        if arg in fixed:
+            continue
+        if value == 1:
+            signature[arg], constexprs[arg] = "constexpr", 1
+        else:
+            attrs[(fn.arg_names.index(arg),)] = [["tt.divisibility", 16]]
+    for arg, ty in signature.items():
+        if ty.startswith("*"):
+            attrs[(fn.arg_names.index(arg),)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+# The layouts the conv kernels are compiled for: "generic" (no divisibility known: odd channel
+# counts, unaligned views) and the variants the JIT makes for aligned channels_last and NCHW
+# tensors with channel counts that are multiples of 16 (the ones that run fast: vector loads,
+# cp.async pipelining; test_aot_compile checks their PTX). Unit strides become constexpr 1.
+_CONV_LAYOUTS = {
+    "cl": {"x": (16, 1, 16, 16), "w": (16, 1, 16, 16), "y": (16, 1, 16, 16)},
+    "nchw": {"x": (16, 16, 16, 1), "w": (16, 16, 16, 1), "y": (16, 16, 16, 1)},
+}
+
+
 def conv_specs(conv):
-    """Every conv kernel x dtype x index width x tile config (x bias)."""
-    widths = [("i32", False), ("i64", True)]
-    for dt, (it, idx64) in itertools.product(FLOAT_TYPES, widths):
+    """Every conv kernel x dtype x (index width, layout) x tile config (x bias).
+
+    32-bit indices come in the aligned channels_last and NCHW variants, 64-bit in the generic one.
+    """
+    variants = [("i32", False, "cl"), ("i32", False, "nchw"), ("i64", True, "generic")]
+    for dt, (it, idx64, layout) in itertools.product(FLOAT_TYPES, variants):
         configs = conv.FP64_CONFIGS if dt == "fp64" else conv.CONFIGS
         ints = lambda names: {name: it for name in names.split()}  # noqa: E731
         window = ints("R S SH SW PH PW DH DW")
         flags = {"IDX64": "constexpr", "UPCAST": "constexpr"}
         tile = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+        acc = "fp64" if dt == "fp64" else "fp32"
+
+        def variant(name, fn, signature, meta, warps, x, w, y, channels):
+            """The spec of ``fn``; in an aligned layout, strides named x/w/y (n, c, h, w order) and channels."""
+            if layout == "generic":
+                return (name, fn, signature, meta, warps)
+            strides = _CONV_LAYOUTS[layout]
+            named = {arg: v for group, args in (("x", x), ("w", w), ("y", y)) if args
+                     for arg, v in zip(args.split(), strides[group])}
+            named.update({arg: 16 for arg in channels.split()})
+            sig, consts, attrs = _aligned(fn, signature, named)
+            return (f"{name}/{layout}", fn, sig, {**meta, **consts}, warps, attrs)
+
         for cfg in configs:
             meta = {"IDX64": idx64, "UPCAST": False, **cfg.kwargs}
+            warps = (cfg.num_warps, cfg.num_stages)
             for bias in (False, True):
-                yield ("conv2d_forward", conv.conv2d_forward_kernel,
-                       {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-                        **ints("N H W OH OW Cg Kg sxn sxc sxh sxw swk swc swr sws syn syc syh syw"), **window,
-                        "HAS_BIAS": "constexpr", **flags, **tile}, {"HAS_BIAS": bias, **meta}, (cfg.num_warps, cfg.num_stages))
-                yield ("conv2d_dgrad", conv.conv2d_dgrad_kernel,
-                       {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
-                        **ints("N H W OH OW Cg Kg HQ WQ sdn sdk sdh sdw swk swc swr sws sxn sxc sxh sxw"), **window,
-                        **ints("STEP_H STEP_W"), "HAS_BIAS": "constexpr", **flags, **tile},
-                       {"HAS_BIAS": bias, **meta}, (cfg.num_warps, cfg.num_stages))
-            acc = "fp64" if dt == "fp64" else "fp32"
-            yield ("conv2d_wgrad", conv.conv2d_wgrad_kernel,
-                   {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": f"*{acc}",
-                    **ints("N H W OH OW Cg Kg K SPLIT P_SPLIT sdn sdk sdh sdw sxn sxc sxh sxw"), **window,
-                    **flags, **tile}, meta, (cfg.num_warps, cfg.num_stages))
-        acc = "fp64" if dt == "fp64" else "fp32"
+                yield variant("conv2d_forward", conv.conv2d_forward_kernel,
+                              {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+                               **ints("N H W OH OW Cg Kg sxn sxc sxh sxw swk swc swr sws syn syc syh syw"), **window,
+                               "HAS_BIAS": "constexpr", **flags, **tile}, {"HAS_BIAS": bias, **meta}, warps,
+                              "sxn sxc sxh sxw", "swk swc swr sws", "syn syc syh syw", "Cg Kg")
+                yield variant("conv2d_dgrad", conv.conv2d_dgrad_kernel,
+                              {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "dx_ptr": f"*{dt}",
+                               **ints("N H W OH OW Cg Kg HQ WQ sdn sdk sdh sdw swk swc swr sws sxn sxc sxh sxw"),
+                               **window, **ints("STEP_H STEP_W"), "HAS_BIAS": "constexpr", **flags, **tile},
+                              {"HAS_BIAS": bias, **meta}, warps,
+                              "sxn sxc sxh sxw", "swk swc swr sws", "sdn sdk sdh sdw", "Cg Kg")
+            yield variant("conv2d_wgrad", conv.conv2d_wgrad_kernel,
+                          {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": f"*{acc}",
+                           **ints("N H W OH OW Cg Kg K SPLIT P_SPLIT sdn sdk sdh sdw sxn sxc sxh sxw"), **window,
+                           **flags, **tile}, meta, warps, "sxn sxc sxh sxw", "", "sdn sdk sdh sdw", "Cg Kg K")
+        if layout != "generic":
+            continue
         yield ("sum_splits", conv.sum_splits_kernel,
                {"ws_ptr": f"*{acc}", "out_ptr": f"*{dt}", "numel": it, "SPLIT": it, "BLOCK": "constexpr"},
                {"BLOCK": 1024}, 4)
@@ -145,20 +201,35 @@ def _compile(spec, target) -> tuple[str, str | None, float]:
     import triton
     from triton.compiler import ASTSource
 
-    name, fn, signature, constexprs, num_warps = spec
-    variant = f"{name}[{', '.join(f'{k}={v}' for k, v in signature.items() if v != 'constexpr')}; " \
-              f"{constexprs}, num_warps={num_warps}]"
+    name, fn, signature, constexprs, num_warps, *rest = spec
+    attrs = rest[0] if rest else None
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         warps, stages = num_warps if isinstance(num_warps, tuple) else (num_warps, None)
         options = {"num_warps": warps} if stages is None else {"num_warps": warps, "num_stages": stages}
         compiled = triton.compile(src, target=target, options=options)
         if "cubin" not in compiled.asm:
             raise RuntimeError(f"no cubin produced (stages: {sorted(compiled.asm)})")
     except Exception as e:  # noqa: BLE001 - report every failing variant, not just the first
-        return variant, f"{type(e).__name__}: {e}", time.perf_counter() - t0
-    return variant, None, time.perf_counter() - t0
+        return _describe(spec, None), f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    return _describe(spec, compiled.asm.get("ptx", "")), None, time.perf_counter() - t0
+
+
+def _describe(spec, ptx: str | None) -> str:
+    """One line naming a variant and, once compiled, what its PTX uses: tensor-core MMAs (wgmma,
+    mma.sync), asynchronous copies (cp.async, the pipelined loads), vector loads."""
+    name, _, signature, constexprs, num_warps, *_ = spec
+    line = f"{name}[{', '.join(f'{k}={v}' for k, v in signature.items() if v != 'constexpr')}; " \
+           f"{constexprs}, num_warps={num_warps}]"
+    if ptx is not None:
+        counts = {what: len(re.findall(pattern, ptx)) for what, pattern in _PTX_FEATURES.items()}
+        line += " ptx: " + " ".join(f"{what}={n}" for what, n in counts.items())
+    return line
+
+
+_PTX_FEATURES = {"wgmma": r"\bwgmma\.mma_async", "mma": r"\bmma\.sync", "cp.async": r"\bcp\.async\.c[ag]",
+                 "ld.v": r"\bld\.global(?:\.\w+)*\.v[248]\."}
 
 
 _WORKER: dict = {}

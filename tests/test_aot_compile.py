@@ -24,6 +24,31 @@ def test_all_kernels_compile_for_sm90():
     from pyops import _aot
 
     assert len(compiled) == len(list(_aot.kernel_specs())) > 100
+    _check_conv_pipelined(compiled)
+
+
+def _check_conv_pipelined(lines):
+    """The conv variants the JIT makes for aligned tensors must compile to the fast code:
+    cp.async loads (what lets Triton pipeline the reduction over num_stages buffers) and, in
+    half precision, wgmma. Losing the alignment facts (e.g. unspecialised channel counts)
+    silently gives scalar, single-buffered loads; this catches that without a GPU."""
+    import re
+
+    checked = 0
+    for line in lines:
+        m = re.search(r" (conv2d_\w+)/(cl|nchw)\[\w+=\*(\w+),.*'BLOCK_M': (\d+).*num_warps=\((\d+), (\d+)\)\] "
+                      r"ptx: wgmma=(\d+) mma=(\d+) cp.async=(\d+)", line)
+        if not m:
+            continue
+        kernel, layout, dtype, block_m, _, stages, wgmma, _, cp_async = m.groups()
+        if int(stages) < 2:
+            continue
+        if layout == "cl" or dtype in ("fp32", "fp64"):  # 2-byte NCHW pixels gather too narrowly for cp.async
+            assert int(cp_async) > 0, f"not pipelined: {line}"
+        if dtype in ("bf16", "fp16") and int(block_m) >= 64:
+            assert int(wgmma) > 0, f"no wgmma: {line}"
+        checked += 1
+    assert checked >= 60, checked
 
 
 def test_specs_cover_every_kernel():

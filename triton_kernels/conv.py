@@ -40,11 +40,17 @@ FP64_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=4, num_stages=2),
 ]
 
-# Geometry arguments are not specialised (divisibility by 16, == 1): one compile serves every
-# layer shape. Strides still are, so a unit channel stride gives vectorised loads.
-_CONV2D_FORWARD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "Cg", "Kg", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
-_CONV2D_DGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "Cg", "Kg", "HQ", "WQ", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "STEP_H", "STEP_W"]
-_CONV2D_WGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "Cg", "Kg", "K", "SPLIT", "P_SPLIT", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
+# Spatial and window arguments are not specialised (divisibility by 16, == 1): one compile
+# serves every layer shape. Strides and the channel counts Cg, Kg (K) are: a unit channel
+# stride makes the channel axis of a tile contiguous, and only when Cg / Kg are known
+# multiples of 16 are the channel masks (c < Cg) constant over 16 lanes and the group
+# offsets aligned, so the tiles load as 16-byte vectors through cp.async, which is what
+# lets Triton pipeline the reduction loop (num_stages). With Cg, Kg unspecialised the sm_90
+# PTX of the half-precision kernels had scalar loads and no cp.async (single-buffered);
+# tests/test_aot_compile.py checks the PTX of the aligned variants.
+_CONV2D_FORWARD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
+_CONV2D_DGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "HQ", "WQ", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "STEP_H", "STEP_W"]
+_CONV2D_WGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "SPLIT", "P_SPLIT", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
 
 
 @triton.jit
