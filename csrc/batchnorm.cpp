@@ -19,6 +19,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -216,6 +218,16 @@ struct SmallPlanes {
   static int64_t tile_images(const View& v) { return std::max<int64_t>(1, kTile / std::max<int64_t>(v.L, 1)); }
 };
 
+// A per-thread scratch buffer of at least n values (reused, not zeroed): the small-plane
+// tasks are many and short, so allocating and zero-filling their accumulators per task cost
+// more than their arithmetic.
+template <typename T>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
 // Each channel's value repeated over its L accumulators: out[c * L + l] = v[c].
 template <typename opmath_t, typename value_t>
 inline void spread_planes(const value_t* v, int64_t channels, int64_t L, opmath_t* out) {
@@ -223,13 +235,29 @@ inline void spread_planes(const value_t* v, int64_t channels, int64_t L, opmath_
     for (int64_t l = 0; l < L; ++l) out[c * L + l] = static_cast<opmath_t>(v[c]);
 }
 
-// Sum of each channel's L accumulators: out[c] = sum acc[c * L, (c + 1) * L).
+// Sum of each channel's L accumulators: out[c] = sum acc[c * L, (c + 1) * L), as vector adds
+// (a masked load for the tail) and one shuffle reduction per channel. A scalar add chain per
+// channel (or GCC's reduction of an `omp simd` loop, 16 dependent adds) made this horizontal
+// sum a large part of the work for few images. With the scratch buffers (no per-task
+// allocation and zero-fill), one thread, 2 x 2048 x 7 x 7: gradient sums 138 -> 63 us,
+// statistics 139 -> 67 us.
 template <typename opmath_t>
 inline void sum_planes(const opmath_t* acc, int64_t channels, int64_t L, opmath_t* out) {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  constexpr int64_t kW = Vec::size();
   for (int64_t c = 0; c < channels; ++c) {
-    opmath_t t = 0;
-    for (int64_t l = 0; l < L; ++l) t += acc[c * L + l];
-    out[c] = t;
+    const opmath_t* p = acc + c * L;
+    if (L < kW) {  // tiny planes: a few scalar adds
+      opmath_t t = 0;
+      for (int64_t l = 0; l < L; ++l) t += p[l];
+      out[c] = t;
+      continue;
+    }
+    Vec s = Vec::loadu(p);
+    int64_t l = kW;
+    for (; l + kW <= L; l += kW) s += Vec::loadu(p + l);
+    if (l < L) s += Vec::loadu(p + l, L - l);
+    out[c] = at::vec::vec_reduce_all<opmath_t>([](Vec& a, Vec& b) { return a + b; }, s);
   }
 }
 
@@ -241,38 +269,53 @@ void partial_stats_small(const at::Tensor& x, const View& v, const Split& s, at:
   const int64_t C = v.C, L = v.L, tile = SmallPlanes::tile_images(v);
   const SmallPlanes sp(v, s);
   sp.for_each(v, s, [&](int64_t c0, int64_t nc, int64_t k, int64_t n0, int64_t n1) {
+    if (n0 >= n1) {
+      for (int64_t c = 0; c < nc; ++c) store_moments(out, k, C, c0 + c, Moments{});
+      return;
+    }
     const int64_t B = nc * L;
-    std::vector<opmath_t> acc(B), ref(B), sums(nc);
+    opmath_t* __restrict a = scratch<opmath_t>(2 * B + nc);  // accumulators, reference values, sums
+    opmath_t* __restrict r = a + B;
+    opmath_t* sums = a + 2 * B;
     std::vector<double> piv(nc), tm(nc);
     std::vector<Moments> m(nc);
-    for (int64_t c = 0; c < nc; ++c) piv[c] = n0 < n1 ? static_cast<double>(px[(n0 * C + c0 + c) * L]) : 0.0;
+    for (int64_t c = 0; c < nc; ++c) piv[c] = static_cast<double>(px[(n0 * C + c0 + c) * L]);
     for (int64_t n = n0; n < n1; n += tile) {
       const int64_t rows = std::min(tile, n1 - n);
       const double count = static_cast<double>(rows * L);
-      opmath_t* __restrict a = acc.data();
-      opmath_t* __restrict r = ref.data();
-      // pass 1: tile means, summed as deviations from the pivot
+      // pass 1: tile means, summed as deviations from the pivot (the first row initialises)
       spread_planes(piv.data(), nc, L, r);
-      std::fill(acc.begin(), acc.end(), opmath_t(0));
       for (int64_t i = n; i < n + rows; ++i) {
         const scalar_t* __restrict p = px + (i * C + c0) * L;
+        if (i == n) {
 #pragma omp simd
-        for (int64_t j = 0; j < B; ++j) a[j] += static_cast<opmath_t>(p[j]) - r[j];
+          for (int64_t j = 0; j < B; ++j) a[j] = static_cast<opmath_t>(p[j]) - r[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) a[j] += static_cast<opmath_t>(p[j]) - r[j];
+        }
       }
-      sum_planes(a, nc, L, sums.data());
+      sum_planes(a, nc, L, sums);
       for (int64_t c = 0; c < nc; ++c) tm[c] = piv[c] + static_cast<double>(sums[c]) / count;
       // pass 2: squared deviations from the tile means
       spread_planes(tm.data(), nc, L, r);
-      std::fill(acc.begin(), acc.end(), opmath_t(0));
       for (int64_t i = n; i < n + rows; ++i) {
         const scalar_t* __restrict p = px + (i * C + c0) * L;
+        if (i == n) {
 #pragma omp simd
-        for (int64_t j = 0; j < B; ++j) {
-          const opmath_t d = static_cast<opmath_t>(p[j]) - r[j];
-          a[j] += d * d;
+          for (int64_t j = 0; j < B; ++j) {
+            const opmath_t d = static_cast<opmath_t>(p[j]) - r[j];
+            a[j] = d * d;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) {
+            const opmath_t d = static_cast<opmath_t>(p[j]) - r[j];
+            a[j] += d * d;
+          }
         }
       }
-      sum_planes(a, nc, L, sums.data());
+      sum_planes(a, nc, L, sums);
       for (int64_t c = 0; c < nc; ++c) m[c].merge(count, tm[c], static_cast<double>(sums[c]));
     }
     for (int64_t c = 0; c < nc; ++c) store_moments(out, k, C, c0 + c, m[c]);
@@ -290,30 +333,37 @@ void grad_sums_small(const at::Tensor& dy, const at::Tensor& x, const View& v, c
   const SmallPlanes sp(v, s);
   sp.for_each(v, s, [&](int64_t c0, int64_t nc, int64_t k, int64_t n0, int64_t n1) {
     const int64_t B = nc * L;
-    std::vector<opmath_t> acc_dy(B), acc_dyx(B), ref(B), sums(nc);
+    opmath_t* __restrict a = scratch<opmath_t>(3 * B + nc);  // sum dy, sum dy (x - mean), mean, sums
+    opmath_t* __restrict b = a + B;
+    opmath_t* __restrict r = a + 2 * B;
+    opmath_t* sums = a + 3 * B;
     std::vector<double> tot_dy(nc, 0.0), tot_dyx(nc, 0.0);
-    spread_planes(mean.data() + c0, nc, L, ref.data());
+    spread_planes(mean.data() + c0, nc, L, r);
     for (int64_t n = n0; n < n1; n += tile) {
       const int64_t rows = std::min(tile, n1 - n);
-      std::fill(acc_dy.begin(), acc_dy.end(), opmath_t(0));
-      std::fill(acc_dyx.begin(), acc_dyx.end(), opmath_t(0));
-      opmath_t* __restrict a = acc_dy.data();
-      opmath_t* __restrict b = acc_dyx.data();
-      const opmath_t* __restrict r = ref.data();
       for (int64_t i = n; i < n + rows; ++i) {
         const int64_t off = (i * C + c0) * L;
         const scalar_t* __restrict g = pdy + off;
         const scalar_t* __restrict xx = px + off;
+        if (i == n) {  // the first row initialises the accumulators
 #pragma omp simd
-        for (int64_t j = 0; j < B; ++j) {
-          const opmath_t gv = static_cast<opmath_t>(g[j]);
-          a[j] += gv;
-          b[j] += gv * (static_cast<opmath_t>(xx[j]) - r[j]);
+          for (int64_t j = 0; j < B; ++j) {
+            const opmath_t gv = static_cast<opmath_t>(g[j]);
+            a[j] = gv;
+            b[j] = gv * (static_cast<opmath_t>(xx[j]) - r[j]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < B; ++j) {
+            const opmath_t gv = static_cast<opmath_t>(g[j]);
+            a[j] += gv;
+            b[j] += gv * (static_cast<opmath_t>(xx[j]) - r[j]);
+          }
         }
       }
-      sum_planes(a, nc, L, sums.data());
+      sum_planes(a, nc, L, sums);
       for (int64_t c = 0; c < nc; ++c) tot_dy[c] += static_cast<double>(sums[c]);
-      sum_planes(b, nc, L, sums.data());
+      sum_planes(b, nc, L, sums);
       for (int64_t c = 0; c < nc; ++c) tot_dyx[c] += static_cast<double>(sums[c]);
     }
     for (int64_t c = 0; c < nc; ++c) {
@@ -458,12 +508,15 @@ void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::T
   if (!v.nlc) {
     const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(L, 1));
     at::parallel_for(0, v.N * C, grain, [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t c = row % C;
+      // rows b..e: channel c advances with the row (no division per row: short rows are
+      // dominated by their fixed cost)
+      int64_t c = b % C;
+      for (int64_t row = b; row < e; ++row, c = c + 1 == C ? 0 : c + 1) {
         const opmath_t pc = p[c], muc = mu[c], qc = q[c], mvc = mv[c], rc = r[c];
         const scalar_t* __restrict uu = pu + row * L;
         const scalar_t* __restrict vv = HAS_V ? pv + row * L : nullptr;
         scalar_t* __restrict oo = po + row * L;
+#pragma omp simd
         for (int64_t i = 0; i < L; ++i) {
           opmath_t y = pc * (static_cast<opmath_t>(uu[i]) - muc) + rc;
           if constexpr (HAS_V) y += qc * (static_cast<opmath_t>(vv[i]) - mvc);
