@@ -8,13 +8,40 @@ import torch
 from .._dispatch import triton_interpreted
 
 
-def elementwise_config(configs, n: int):
+_FORCED_SMS: list[int] = []
+
+
+def gpu_geometry(device: torch.device) -> bool:
+    """Whether launches on ``device`` choose the tile configs and grids made for a GPU.
+
+    Yes for CUDA tensors on compiled kernels. The interpreter gets the smallest tiles and
+    grids (fast on tiny test tensors), unless a test forces the GPU's choices with
+    ``forced_gpu_geometry`` so that those configs and grid computations run somewhere
+    before a GPU does.
+    """
+    return bool(_FORCED_SMS) or (device.type == "cuda" and not triton_interpreted())
+
+
+@contextlib.contextmanager
+def forced_gpu_geometry(sms: int):
+    """Tests: choose configs and grids as on a GPU with ``sms`` multiprocessors, on any device."""
+    _FORCED_SMS.append(sms)
+    try:
+        yield
+    finally:
+        _FORCED_SMS.pop()
+
+
+BIG_ELEMENTWISE = 1 << 20  # elements from which a flat kernel takes its last (largest) block
+
+
+def elementwise_config(configs, n: int, device: torch.device):
     """Pick a launch config for a flat elementwise kernel over ``n`` elements.
 
     Memory-bound kernels want big blocks on big tensors; the interpreter (CPU) wants
     the smallest block so tiny test tensors do not run a mostly-masked program.
     """
-    if triton_interpreted() or n <= (1 << 20):
+    if not gpu_geometry(device) or n <= BIG_ELEMENTWISE:
         return configs[0]
     return configs[-1]
 
@@ -28,7 +55,7 @@ def launch_elementwise(kernel, configs, n: int, device: torch.device, *args, **c
     """Launch ``kernel[grid](*args, BLOCK=...)`` with one program per BLOCK of ``n`` flat elements (none when n == 0)."""
     if n == 0:
         return
-    cfg = elementwise_config(configs, n)
+    cfg = elementwise_config(configs, n, device)
     block = cfg.kwargs["BLOCK"]
     grid = ((n + block - 1) // block,)
     with device_guard(device):
@@ -56,6 +83,8 @@ _SM_COUNT: dict[int, int] = {}
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached): how many programs fill it."""
+    if _FORCED_SMS:
+        return _FORCED_SMS[-1]
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
+from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, builds_cpp_node, op
 from .._tensor import suggests_channels_last
-from ._launch import cdiv, device_guard, launch_elementwise, needs_int64, sm_count
+from ._launch import cdiv, device_guard, gpu_geometry, launch_elementwise, needs_int64, sm_count
 
 
 def is_nlc(x: Tensor) -> bool:
@@ -70,7 +70,7 @@ def _reduce_config(x3: Tensor):
     k = triton_kernels().batchnorm
     N, C, L = x3.shape
     rows = N * L
-    if triton_interpreted() or x3.device.type != "cuda":
+    if not gpu_geometry(x3.device):
         cfg = k.REDUCE_CONFIGS[0]
         splits = min(2, max(1, cdiv(rows, cfg.kwargs["BLOCK_R"])))  # small, but exercises the merge
     else:

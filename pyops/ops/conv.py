@@ -24,7 +24,7 @@ from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
 from .._library import apply_function, builds_cpp_node, op
 from ._launch import cdiv as _cdiv
-from ._launch import device_guard, needs_int64
+from ._launch import device_guard, gpu_geometry, needs_int64
 from ._launch import sm_count as _sm_count
 
 
@@ -45,7 +45,7 @@ def _configs(dtype: torch.dtype):
 
 def _heuristic(configs, device: torch.device, m: int, n: int, batch: int):
     """The largest tile whose grid still gives every SM a program (interpreter: the smallest)."""
-    if triton_interpreted() or device.type != "cuda":
+    if not gpu_geometry(device):
         return configs[0]
     sms = _sm_count(device)
     for cfg in reversed(configs[1:]):
@@ -133,7 +133,7 @@ def _input_grad_triton(dy, w, bias, dx, stride, padding, dilation, groups):
 
 def wgrad_splits(tiles: int, pixels: int, block_k: int, device: torch.device) -> int:
     """How many chunks the weight gradient's N*OH*OW reduction is split into (split-K)."""
-    if triton_interpreted() or device.type != "cuda":
+    if not gpu_geometry(device):
         return max(1, min(2, _cdiv(pixels, block_k)))  # small, but exercises the split path
     want = _cdiv(2 * _sm_count(device), tiles)
     return max(1, min(want, pixels // (8 * block_k), 64))
@@ -171,7 +171,7 @@ def _weight_grad_triton(dy, x, dw, stride, padding, dilation, groups):
 def _sum_splits(ws: Tensor, out: Tensor, split: int) -> None:
     k = triton_kernels().conv
     numel = out.numel()
-    block = 128 if triton_interpreted() else 1024
+    block = 1024 if gpu_geometry(out.device) else 128
     k.sum_splits_kernel[(_cdiv(numel, block),)](ws, out, numel, split, BLOCK=block)
 
 
@@ -180,9 +180,10 @@ def _bias_grad_triton(dy: Tensor, out: Tensor) -> None:
     N, K, H, W = dy.shape
     cl = dy.stride(1) == 1 and K > 1
     sgp = K if cl else 1
-    block_c, block_p = (16, 16) if triton_interpreted() else (32, 64)
+    gpu = gpu_geometry(dy.device)
+    block_c, block_p = (32, 64) if gpu else (16, 16)
     # enough (channel block, image chunk) programs for every SM
-    chunks = 1 if triton_interpreted() else min(N, max(1, _cdiv(4 * _sm_count(dy.device), _cdiv(K, block_c))))
+    chunks = min(N, max(1, _cdiv(4 * _sm_count(dy.device), _cdiv(K, block_c)))) if gpu else 1
     n_per = _cdiv(N, chunks)
     chunks = _cdiv(N, n_per)
     acc_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
