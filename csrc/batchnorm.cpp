@@ -90,12 +90,41 @@ struct Moments {
   double n = 0, mean = 0, m2 = 0;
   void merge(double nb, double mean_b, double m2_b) {
     if (nb == 0) return;
-    const double total = n + nb, delta = mean_b - mean;
-    mean += delta * nb / total;
-    m2 += m2_b + delta * delta * n * nb / total;
+    const double total = n + nb, delta = mean_b - mean, f = nb / total;
+    mean += delta * f;
+    m2 += m2_b + delta * delta * n * f;
     n = total;
   }
 };
+
+// Moments::merge over C channels held as arrays (count, mean, M2), branch-free so it
+// vectorises (one division per 8 channels, not two per channel: merging thousands of
+// channels was a third of a small layer's forward). A zero count merges nothing.
+inline void merge_channels(double* __restrict n, double* __restrict mean, double* __restrict m2,
+                           const double* __restrict nb, const double* __restrict mean_b,
+                           const double* __restrict m2_b, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const double total = n[c] + nb[c], delta = mean_b[c] - mean[c];
+    const double f = total > 0 ? nb[c] / total : 0.0;
+    mean[c] += delta * f;
+    m2[c] += m2_b[c] + delta * delta * n[c] * f;
+    n[c] = total;
+  }
+}
+
+// merge_channels for a tile of `nb` (> 0) rows of every channel, its M2 in the compute type.
+template <typename opmath_t>
+inline void merge_tile(double* __restrict n, double* __restrict mean, double* __restrict m2, double nb,
+                       const double* __restrict mean_b, const opmath_t* __restrict m2_b, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const double total = n[c] + nb, delta = mean_b[c] - mean[c], f = nb / total;
+    mean[c] += delta * f;
+    m2[c] += static_cast<double>(m2_b[c]) + delta * delta * n[c] * f;
+    n[c] = total;
+  }
+}
 
 // Partial p of channel c in a (P, 3, C) tensor of (count, mean, biased variance) rows.
 inline void store_moments(double* out, int64_t p, int64_t C, int64_t c, const Moments& m) {
@@ -396,7 +425,7 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
       store_moments(out, k, C, c, m);
       return;
     }
-    std::vector<Moments> m(C);
+    std::vector<double> mn(C, 0.0), mmean(C, 0.0), mm2(C, 0.0);
     std::vector<opmath_t> acc(C), tm(C), piv(C, opmath_t(0));
     std::vector<double> tm_d(C);
     if (b < e)
@@ -421,9 +450,9 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
           const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
           a[ch] += d * d;
         }
-      for (int64_t ch = 0; ch < C; ++ch) m[ch].merge(static_cast<double>(rows), tm_d[ch], a[ch]);
+      merge_tile(mn.data(), mmean.data(), mm2.data(), static_cast<double>(rows), tm_d.data(), a, C);
     }
-    for (int64_t ch = 0; ch < C; ++ch) store_moments(out, k, C, ch, m[ch]);
+    for (int64_t ch = 0; ch < C; ++ch) store_moments(out, k, C, ch, Moments{mn[ch], mmean[ch], mm2[ch]});
   });
 }
 
@@ -588,17 +617,16 @@ void batch_norm_merge_stats(const at::Tensor& partials, const at::Tensor& out,
               "out must be a contiguous (3, ", C, ") CPU tensor");
   const at::Tensor pd = partials.to(at::kDouble).contiguous();
   const double* pp = pd.const_data_ptr<double>();
-  std::vector<double> n(C), mean(C), var(C);
-  for (int64_t c = 0; c < C; ++c) {
-    Moments m;
-    for (int64_t k = 0; k < P; ++k) {
-      const double nb = pp[(k * 3 + 0) * C + c];
-      m.merge(nb, pp[(k * 3 + 1) * C + c], pp[(k * 3 + 2) * C + c] * nb);
-    }
-    n[c] = m.n;
-    mean[c] = m.mean;
-    var[c] = m.n > 0 ? m.m2 / m.n : 0.0;
+  std::vector<double> n(C, 0.0), mean(C, 0.0), var(C, 0.0), m2_b(C);
+  for (int64_t k = 0; k < P; ++k) {  // partials in order, all channels at once (vectorised)
+    const double* nb = pp + (k * 3 + 0) * C;
+    const double* vb = pp + (k * 3 + 2) * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) m2_b[c] = vb[c] * nb[c];
+    merge_channels(n.data(), mean.data(), var.data(), nb, pp + (k * 3 + 1) * C, m2_b.data(), C);
   }
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) var[c] = n[c] > 0 ? var[c] / n[c] : 0.0;  // M2 -> biased variance
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyops_batch_norm_merge_out", [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
