@@ -720,21 +720,34 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
   const auto s2 = channel_values(var, v.C, 1.0, "var");
   const auto w = channel_values(weight, v.C, 1.0, "weight");
   Affine a(v.C);
-  for (int64_t c = 0; c < v.C; ++c) a.p[c] = w[c] / std::sqrt(s2[c] + eps);
+  double* __restrict p = a.p.data();
+  {
+    const double* __restrict pw = w.data();
+    const double* __restrict pv = s2.data();
+#pragma omp simd
+    for (int64_t c = 0; c < v.C; ++c) p[c] = pw[c] / std::sqrt(pv[c] + eps);
+  }
   if (!training) {
     channel_affine(dy, nullptr, dx, v, a);
     return;
   }
   TORCH_CHECK(sums.dim() == 2 && sums.size(0) >= 2 && sums.size(1) == v.C, "sums must be (2, C)");
   const at::Tensor sd = sums.to(at::kDouble).contiguous();
-  const double* ps = sd.const_data_ptr<double>();
+  const double* __restrict ps = sd.const_data_ptr<double>();
   const auto m = channel_values(mean, v.C, 0.0, "mean");
   const auto n = channel_values(count, v.C, 1.0, "count");
+  const double* __restrict pm = m.data();
+  const double* __restrict pn = n.data();
+  const double* __restrict pv = s2.data();
+  double* __restrict q = a.q.data();
+  double* __restrict mv = a.mv.data();
+  double* __restrict r = a.r.data();
+#pragma omp simd
   for (int64_t c = 0; c < v.C; ++c) {
-    const double k = ps[v.C + c] / (n[c] * (s2[c] + eps));
-    a.q[c] = -a.p[c] * k;
-    a.mv[c] = m[c];
-    a.r[c] = -a.p[c] * ps[c] / n[c];
+    const double k = ps[v.C + c] / (pn[c] * (pv[c] + eps));
+    q[c] = -p[c] * k;
+    mv[c] = pm[c];
+    r[c] = -p[c] * ps[c] / pn[c];
   }
   channel_affine(dy, &x, dx, v, a);
 }
