@@ -99,27 +99,15 @@ struct Moments {
 
 // Moments::merge over C channels held as arrays (count, mean, M2), branch-free so it
 // vectorises (one division per 8 channels, not two per channel: merging thousands of
-// channels was a third of a small layer's forward). A zero count merges nothing.
-inline void merge_channels(double* __restrict n, double* __restrict mean, double* __restrict m2,
-                           const double* __restrict nb, const double* __restrict mean_b,
-                           const double* __restrict m2_b, int64_t C) {
+// channels was a third of a small layer's forward). nb(c) is the merged part's count (a
+// zero count merges nothing), m2_b its M2 in double or the compute type.
+template <typename Count, typename m2_t>
+inline void merge_channels(double* __restrict n, double* __restrict mean, double* __restrict m2, const Count& nb,
+                           const double* __restrict mean_b, const m2_t* __restrict m2_b, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const double total = n[c] + nb[c], delta = mean_b[c] - mean[c];
-    const double f = total > 0 ? nb[c] / total : 0.0;
-    mean[c] += delta * f;
-    m2[c] += m2_b[c] + delta * delta * n[c] * f;
-    n[c] = total;
-  }
-}
-
-// merge_channels for a tile of `nb` (> 0) rows of every channel, its M2 in the compute type.
-template <typename opmath_t>
-inline void merge_tile(double* __restrict n, double* __restrict mean, double* __restrict m2, double nb,
-                       const double* __restrict mean_b, const opmath_t* __restrict m2_b, int64_t C) {
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const double total = n[c] + nb, delta = mean_b[c] - mean[c], f = nb / total;
+    const double count = nb(c), total = n[c] + count, delta = mean_b[c] - mean[c];
+    const double f = total > 0 ? count / total : 0.0;
     mean[c] += delta * f;
     m2[c] += static_cast<double>(m2_b[c]) + delta * delta * n[c] * f;
     n[c] = total;
@@ -450,7 +438,8 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
           const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
           a[ch] += d * d;
         }
-      merge_tile(mn.data(), mmean.data(), mm2.data(), static_cast<double>(rows), tm_d.data(), a, C);
+      const double tile_n = static_cast<double>(rows);
+      merge_channels(mn.data(), mmean.data(), mm2.data(), [tile_n](int64_t) { return tile_n; }, tm_d.data(), a, C);
     }
     for (int64_t ch = 0; ch < C; ++ch) store_moments(out, k, C, ch, Moments{mn[ch], mmean[ch], mm2[ch]});
   });
@@ -623,7 +612,8 @@ void batch_norm_merge_stats(const at::Tensor& partials, const at::Tensor& out,
     const double* vb = pp + (k * 3 + 2) * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) m2_b[c] = vb[c] * nb[c];
-    merge_channels(n.data(), mean.data(), var.data(), nb, pp + (k * 3 + 1) * C, m2_b.data(), C);
+    merge_channels(n.data(), mean.data(), var.data(), [nb](int64_t c) { return nb[c]; }, pp + (k * 3 + 1) * C,
+                   m2_b.data(), C);
   }
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) var[c] = n[c] > 0 ? var[c] / n[c] : 0.0;  // M2 -> biased variance
