@@ -8,15 +8,17 @@
 #
 # STAGES is a comma list of build, bench, tests, sanitize, run in that order (the
 # benchmark first: its results are what a short lease must bring back). Caps in seconds:
-# BENCH_S (240), TESTS_S (220), SANITIZE_S (150). PYTEST_ARGS: the tests stage's paths
-# and options (default tests); BENCH_ARGS: more run.py arguments; SANITIZE_K: the -k of
+# BENCH_S (240), TESTS_S (220), SANITIZE_S (150). BENCH_SUITES: the suites, in order
+# (default "conv pooling batchnorm elementwise model"); BENCH_ARGS: more run.py arguments;
+# PYTEST_ARGS: the tests stage's paths and options (default tests); SANITIZE_K: the -k of
 # the sanitize stage. Raw logs and results go to a work folder;
 # OUT_DIR receives two files: summary.txt and gpu_check.tar.gz (everything), so the
 # device tool's few-files limit brings all of it back. No network is needed.
 #
 # A 15-minute lease, two calls (the machine's start takes one to two minutes):
 #   run(timeout_s=580): scripts/gpu_check.sh $OUT build,bench,tests   (build ~1-2 min)
-#   run(timeout_s=200): SANITIZE_S=170 scripts/gpu_check.sh $OUT sanitize   (at once, while warm)
+#   run(timeout_s=200): SANITIZE_S=170 scripts/gpu_check.sh $OUT sanitize   (at once, while warm;
+#                       or BENCH_SUITES="..." ... bench for suites the first call's cap cut)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_out}
@@ -57,12 +59,13 @@ if has_stage build; then
 fi
 
 if has_stage bench; then
-  note "== benchmarks against torch (cuDNN), cap ${BENCH_S:=240} s: conv first, then pooling, batch norm, elementwise, model"
+  note "== benchmarks against torch (cuDNN), cap ${BENCH_S:=240} s: ${BENCH_SUITES:-conv pooling batchnorm elementwise model}"
   start=$(date +%s)
   # Each suite writes its JSON rows when it ends, so a run stopped at the cap keeps the suites it finished.
   # shellcheck disable=SC2086
-  timeout -s INT -k 20 "$BENCH_S" "$PY" -P benchmarks/run.py --out "$WORK/bench" \
-      --only conv --only pooling --only batchnorm --only elementwise --only model ${BENCH_ARGS:-} \
+  only=()
+  for suite in ${BENCH_SUITES:-conv pooling batchnorm elementwise model}; do only+=(--only "$suite"); done
+  timeout -s INT -k 20 "$BENCH_S" "$PY" -P benchmarks/run.py --out "$WORK/bench" "${only[@]}" ${BENCH_ARGS:-} \
       >"$WORK/bench.log" 2>"$WORK/bench.err"
   rc=$?
   note "benchmarks: rc $rc in $(( $(date +%s) - start )) s$([ $rc -eq 124 ] && echo ' (cap reached: later suites missing)')"
