@@ -159,6 +159,10 @@ def conv_specs(conv):
                 "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"}, {"BLOCK_C": 32, "BLOCK_P": 64}, 4)
 
 
+# (magic, shift) of an int_divider: int32 whatever the index width (unused with IDX64)
+_DIVIDER = {"L_magic": "i32", "L_shift": "i32"}
+
+
 def batchnorm_specs(bn):
     """Every batch-norm kernel x dtype x index width x layout x config the launchers use on a GPU."""
     widths = [("i32", False), ("i64", True)]
@@ -170,20 +174,21 @@ def batchnorm_specs(bn):
             meta = {"CHANNELS_LAST": cl, "IDX64": idx64, **cfg.kwargs}
             tile = {"BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
             yield ("bn_partial_stats", bn.partial_stats_kernel,
-                   {"x_ptr": f"*{dt}", "part_ptr": f"*{acc}", **ints("R C L R_PER"), **flags, **tile}, meta,
+                   {"x_ptr": f"*{dt}", "part_ptr": f"*{acc}", **ints("R C L"), **_DIVIDER, "R_PER": it, **flags,
+                    **tile}, meta,
                    cfg.num_warps)
             yield ("bn_grad_sums", bn.grad_sums_kernel,
                    {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "mean_ptr": f"*{acc}", "part_ptr": f"*{acc}",
-                    **ints("R C L R_PER"), **flags, **tile}, meta, cfg.num_warps)
+                    **ints("R C L"), **_DIVIDER, "R_PER": it, **flags, **tile}, meta, cfg.num_warps)
         variants = [(0, True, True), (0, False, False), (1, True, False), (1, False, False), (2, True, False)]
-        for cfg, (mode, has_w, has_b) in itertools.product(bn.ELEMENTWISE_CONFIGS, variants):
+        for block_s, (mode, has_w, has_b) in itertools.product(bn.ELEMENTWISE_WIDTHS[cl], variants):
             ptrs = {name: f"*{acc}" for name in ("mean_ptr", "var_ptr", "w_ptr", "b_ptr", "sums_ptr", "count_ptr")}
             yield ("bn_elementwise", bn.elementwise_kernel,
-                   {"u_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ptrs, **ints("total C L"),
+                   {"u_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ptrs, **ints("R S C"),
                     "eps": "fp64", "MODE": "constexpr", "HAS_W": "constexpr", "HAS_B": "constexpr", **flags,
-                    "BLOCK": "constexpr"},
+                    "BLOCK_R": "constexpr", "BLOCK_S": "constexpr"},
                    {"MODE": mode, "HAS_W": has_w, "HAS_B": has_b, "CHANNELS_LAST": cl, "IDX64": idx64,
-                    "BLOCK": cfg.kwargs["BLOCK"]}, cfg.num_warps)
+                    "BLOCK_R": max(1, bn.GPU_TILE // block_s), "BLOCK_S": block_s}, 4)
         if cl or idx64:
             continue
         for stat in sorted({acc, dt}):  # running stats in the statistics' or the parameters' dtype

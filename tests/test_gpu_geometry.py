@@ -61,8 +61,10 @@ def test_conv_with_gpu_tiles(device, case, dtype, sms):
         compare_conv(device, dtype, xs, ws, kwargs, transpose, channels_last=case != 1)
 
 
-# (shape, channels_last): long NCHW rows (L >= 512), short rows, channels_last
-BN_CASES = [((2, 3, 24, 24), False), ((4, 20, 5, 7), False), ((4, 70, 5, 6), True)]
+# (shape, channels_last): long NCHW rows (L >= 512), short rows, channels_last; rows longer
+# than the widest elementwise tile (NCHW L > 1024, channels_last C > 256)
+BN_CASES = [((2, 3, 24, 24), False), ((4, 20, 5, 7), False), ((4, 70, 5, 6), True), ((2, 3, 33, 33), False),
+            ((3, 300, 2, 3), True)]
 
 
 @pytest.mark.parametrize("sms", SMS)

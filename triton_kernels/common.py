@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: compute precision and the Philox generator."""
+"""Helpers shared by the Triton kernels: compute precision, integer division, the Philox generator."""
 import triton
 import triton.language as tl
 
@@ -17,6 +17,23 @@ def to_opmath(x):
     else:
         y = x.to(tl.float32)
     return y
+
+
+@triton.jit
+def divmod_by(n, d, magic, shift, NATIVE: tl.constexpr):
+    """(n // d, n % d) for n >= 0, d >= 1; unless NATIVE (64-bit indexing) n < 2^31 and d is divided by
+    multiplying with (magic, shift) = pyops.ops._launch.int_divider(d) (Granlund and
+    Montgomery's method, as ATen's IntDivider): a high multiply, an add and a shift instead
+    of the ~20 instructions of a GPU's 32-bit division. magic is passed as the int32 with
+    its bits (it is an unsigned 32-bit number).
+    """
+    if NATIVE:
+        q = n // d
+    else:
+        nu = n.to(tl.uint32, bitcast=True)
+        hi = tl.umulhi(nu, tl.cast(magic, tl.uint32, bitcast=True))
+        q = ((hi + nu) >> tl.cast(shift, tl.uint32)).to(tl.int32, bitcast=True)
+    return q, n - q * d
 
 
 @triton.jit

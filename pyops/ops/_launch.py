@@ -78,6 +78,27 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def int_divider(d: int) -> tuple[int, int]:
+    """(magic, shift) for triton_kernels.common.divmod_by: n // d == (umulhi(n, magic) + n) >> shift
+    for 0 <= n < 2^31, 1 <= d < 2^31, in unsigned 32-bit arithmetic; magic as the int32 of its bits.
+
+    A larger d comes only with 64-bit indexing (IDX64), where the kernels divide natively: (0, 0)."""
+    if d < 1:
+        raise ValueError(f"pyops: divisor {d} out of range")
+    if d > INT32_LIMIT:
+        return 0, 0
+    shift = (d - 1).bit_length()
+    magic = ((1 << 32) * ((1 << shift) - d)) // d + 1
+    return (magic - (1 << 32) if magic > INT32_LIMIT else magic), shift
+
+
+def dividers(*divisors: int) -> list[int]:
+    """The magic numbers of ``divisors`` (int_divider), then their shifts packed 5 bits each,
+    the i-th divisor's at bit 5 * i: the arguments of a kernel dividing by all of them."""
+    pairs = [int_divider(d) for d in divisors]
+    return [magic for magic, _ in pairs] + [sum(shift << (5 * i) for i, (_, shift) in enumerate(pairs))]
+
+
 _SM_COUNT: dict[int, int] = {}
 
 

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, builds_cpp_node, op
 from .._tensor import suggests_channels_last
-from ._launch import cdiv, device_guard, gpu_geometry, launch_elementwise, needs_int64, sm_count
+from ._launch import cdiv, device_guard, gpu_geometry, int_divider, needs_int64, sm_count
 
 
 def is_nlc(x: Tensor) -> bool:
@@ -126,8 +126,8 @@ def batch_norm_stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor
         if x.numel() > 0:
             with device_guard(x.device):
                 k.partial_stats_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
-                    x, partials, N * L, C, L, per, CHANNELS_LAST=_nlc3(x), IDX64=needs_int64(x), **cfg.kwargs,
-                    num_warps=cfg.num_warps)
+                    x, partials, N * L, C, L, *int_divider(L), per, CHANNELS_LAST=_nlc3(x), IDX64=needs_int64(x),
+                    **cfg.kwargs, num_warps=cfg.num_warps)
     _merge(partials, out, running_mean, running_var, momentum)
     return out
 
@@ -153,18 +153,32 @@ def _(partials, running_mean, running_var, momentum):
     return partials.new_empty(partials.shape[1:])
 
 
+def _elementwise_tile(R: int, S: int, nlc: bool, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_S, programs) of elementwise_kernel over R rows of S elements."""
+    k = triton_kernels().batchnorm
+    widths = k.ELEMENTWISE_WIDTHS[nlc]
+    block_s = next((w for w in widths if w >= S), widths[-1])
+    block_r = max(1, (k.GPU_TILE if gpu_geometry(device) else k.INTERPRETER_TILE) // block_s)
+    return block_r, block_s, cdiv(R, block_r) * cdiv(S, block_s)
+
+
 def _elementwise(mode: int, u: Tensor, v: Tensor | None, mean: Tensor, var: Tensor, weight: Tensor | None,
                  bias: Tensor | None, sums: Tensor | None, count: Tensor | None, eps: float) -> Tensor:
     k = triton_kernels().batchnorm
     out = _empty_ncl(u)
+    if u.numel() == 0:
+        return out
     N, C, L = u.shape
+    nlc = _nlc3(u)
+    R, S = (N * L, C) if nlc else (N * C, L)
+    block_r, block_s, programs = _elementwise_tile(R, S, nlc, u.device)
     dummy = var
-    launch_elementwise(k.elementwise_kernel, k.ELEMENTWISE_CONFIGS, u.numel(), u.device,
-                       u, u if v is None else v, out, mean, var, dummy if weight is None else weight,
-                       dummy if bias is None else bias, dummy if sums is None else sums,
-                       dummy if count is None else count, u.numel(), C, L, float(eps), MODE=mode,
-                       HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=_nlc3(u),
-                       IDX64=needs_int64(u))
+    with device_guard(u.device):
+        k.elementwise_kernel[(programs,)](
+            u, u if v is None else v, out, mean, var, dummy if weight is None else weight,
+            dummy if bias is None else bias, dummy if sums is None else sums, dummy if count is None else count,
+            R, S, C, float(eps), MODE=mode, HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=nlc,
+            IDX64=needs_int64(u), BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4)
     return out
 
 
@@ -198,7 +212,7 @@ def batch_norm_backward_reduce(grad_output: Tensor, x: Tensor, mean: Tensor, var
     with device_guard(x.device):
         if x.numel() > 0:
             k.grad_sums_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
-                grad_output, x, mean, partials, N * L, C, L, per, CHANNELS_LAST=_nlc3(x),
+                grad_output, x, mean, partials, N * L, C, L, *int_divider(L), per, CHANNELS_LAST=_nlc3(x),
                 IDX64=needs_int64(x), **cfg.kwargs, num_warps=cfg.num_warps)
         k.grad_finalize_kernel[(cdiv(C, k.MERGE_BLOCK_C),)](partials, var, out, splits, C, float(eps),
                                                              BLOCK_C=k.MERGE_BLOCK_C)
