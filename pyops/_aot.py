@@ -47,22 +47,26 @@ def kernel_specs():
         meta = {"CHANNELS_LAST": cl, "IDX64": idx64, "BLOCK": cfg.kwargs["BLOCK"]}
         flags = {"CHANNELS_LAST": "constexpr", "IDX64": "constexpr", "BLOCK": "constexpr"}
         window = ["KH", "KW", "SH", "SW", "PH", "PW"]
+        # magic numbers (int32 whatever the index width) of the decoded sizes (and strides), shifts
+        out_divs = {name: "i32" for name in ("C_m", "OH_m", "OW_m", "shifts")}
+        in_divs = {name: "i32" for name in ("C_m", "H_m", "W_m", "SH_m", "SW_m", "shifts")}
         yield ("max_pool2d_forward", pooling.max_pool2d_forward_kernel,
-               {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "idx_ptr": "*i64", **ints(geometry),
+               {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "idx_ptr": "*i64", **ints(geometry), **out_divs,
                 **ints(["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"]), **ints(window + ["DH", "DW"]),
                 **flags}, meta, cfg.num_warps)
         yield ("max_pool2d_backward", pooling.max_pool2d_backward_kernel,
-               {"go_ptr": f"*{dt}", "idx_ptr": "*i64", "gi_ptr": f"*{dt}", **ints(geometry),
+               {"go_ptr": f"*{dt}", "idx_ptr": "*i64", "gi_ptr": f"*{dt}", **ints(geometry), **in_divs,
                 **ints(["sgn", "sgc", "sgh", "sgw", "sjn", "sjc", "sjh", "sjw"]),
                 **ints(window + ["DH", "DW", "NTH", "NTW"]), **flags}, meta, cfg.num_warps)
         for cip in (False, True):
             yield ("avg_pool2d_forward", pooling.avg_pool2d_forward_kernel,
-                   {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ints(geometry),
+                   {"x_ptr": f"*{dt}", "out_ptr": f"*{dt}", **ints(geometry), **out_divs,
                     **ints(["sxn", "sxc", "sxh", "sxw", "son", "soc", "soh", "sow"]),
                     **ints(window + ["divisor_override"]), "COUNT_INCLUDE_PAD": "constexpr", **flags},
                    {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
             yield ("avg_pool2d_backward", pooling.avg_pool2d_backward_kernel,
-                   {"go_ptr": f"*{dt}", "gi_ptr": f"*{dt}", **ints(geometry), **ints(["sgn", "sgc", "sgh", "sgw"]),
+                   {"go_ptr": f"*{dt}", "gi_ptr": f"*{dt}", **ints(geometry), **in_divs,
+                    **ints(["sgn", "sgc", "sgh", "sgw"]),
                     **ints(window + ["divisor_override", "NTH", "NTW"]), "COUNT_INCLUDE_PAD": "constexpr",
                     **flags}, {"COUNT_INCLUDE_PAD": cip, **meta}, cfg.num_warps)
     yield from conv_specs(conv)

@@ -271,13 +271,17 @@ def test_expanded_and_strided_gradients(backend_device, fn, channels_last):
     assert_close(xa.grad, xb.grad)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("fn", ["max_pool2d", "avg_pool2d"])
-def test_int64_index_path_matches(fn, monkeypatch):
-    """The Triton kernels' int64 index variant (taken past 2^31 offsets) gives the int32 one's result."""
+def test_int64_index_path_matches(fn, channels_last, monkeypatch):
+    """The Triton kernels' int64 index variant (taken past 2^31 offsets) gives the int32 one's
+    result (NCHW: native division against multiply-shift division)."""
     import pyops.ops.pooling as pooling_ops
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
-    x = _distinct((2, 3, 9, 8), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    x = _distinct((2, 3, 9, 8), torch.float32, device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     args = (3, 2, 1, 2, True) if fn == "max_pool2d" else (3, 2, 1, True, False)
     results = []
     for force in (False, True):
@@ -288,3 +292,21 @@ def test_int64_index_path_matches(fn, monkeypatch):
             out.backward(torch.arange(out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape))
         results.append((out, xi.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [2**31 - 1, 2**31 - 3])
+@pytest.mark.parametrize("fn", ["max_pool2d", "avg_pool2d"])
+def test_stride_near_int32_limit(backend_device, fn, stride, channels_last):
+    """A window search of row + padding + stride past 2^31 (the backward takes 64-bit indices)."""
+    x = _distinct((2, 3, 5, 6), torch.float64, backend_device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.cpu().clone().requires_grad_()
+    ya = getattr(pyops.functional, fn)(xa, 3, stride, 1)
+    yb = getattr(torch.nn.functional, fn)(xb, 3, stride, 1)
+    g = torch.randn(yb.shape, dtype=torch.float64)
+    ya.backward(g.to(backend_device))
+    yb.backward(g)
+    assert_close(ya.cpu(), yb)
+    assert_close(xa.grad.cpu(), xb.grad)

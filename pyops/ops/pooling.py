@@ -12,7 +12,7 @@ from torch import Tensor
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, op
 from .._pool import is_channels_last, output_size
-from ._launch import launch_elementwise, needs_int64
+from ._launch import INT32_LIMIT, dividers, launch_elementwise, needs_int64
 
 
 def _empty(shape, like: Tensor, channels_last: bool, dtype=None) -> Tensor:
@@ -36,6 +36,12 @@ def _trip_counts(kernel, stride, dilation) -> tuple[int, int]:
     return tuple(-(-((k - 1) * d + 1) // s) for k, s, d in zip(kernel, stride, dilation))
 
 
+def _gather_int64(input_size, stride, padding, *tensors: Tensor) -> bool:
+    """Whether a backward (gather) kernel needs 64-bit indices: for an offset of ``tensors``, or
+    for the window search (row + padding + stride) of a stride near 2^31."""
+    return needs_int64(*tensors) or max(n + p + s for n, p, s in zip(input_size[2:], padding, stride)) > INT32_LIMIT
+
+
 # ---------------------------------------------------------------- max pooling
 
 
@@ -56,8 +62,8 @@ def max_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding:
         k = triton_kernels().pooling
         launch_elementwise(k.max_pool2d_forward_kernel, k.CONFIGS, out.numel(), x.device,
                            x, out, idx, out.numel(), x.shape[1], x.shape[2], x.shape[3], shape[2], shape[3],
-                           *x.stride(), *out.stride(), *kernel, *stride, *padding, *dilation, CHANNELS_LAST=cl,
-                           IDX64=needs_int64(x, out))
+                           *dividers(x.shape[1], shape[2], shape[3]), *x.stride(), *out.stride(), *kernel, *stride,
+                           *padding, *dilation, CHANNELS_LAST=cl, IDX64=needs_int64(x, out))
     return out, idx
 
 
@@ -84,9 +90,11 @@ def max_pool2d_backward(grad_output: Tensor, indices: Tensor, input_size: list[i
         _, C, H, W = input_size
         launch_elementwise(k.max_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
                            grad_output, indices, grad_input, grad_input.numel(), C, H, W,
-                           grad_output.shape[2], grad_output.shape[3], *grad_output.stride(), *indices.stride(),
+                           grad_output.shape[2], grad_output.shape[3], *dividers(C, H, W, *stride),
+                           *grad_output.stride(), *indices.stride(),
                            *kernel, *stride, *padding, *dilation, *_trip_counts(kernel, stride, dilation),
-                           CHANNELS_LAST=channels_last, IDX64=needs_int64(grad_output, indices, grad_input))
+                           CHANNELS_LAST=channels_last,
+                           IDX64=_gather_int64(input_size, stride, padding, grad_output, indices, grad_input))
     return grad_input
 
 
@@ -160,8 +168,9 @@ def avg_pool2d_forward(x: Tensor, kernel: list[int], stride: list[int], padding:
         k = triton_kernels().pooling
         launch_elementwise(k.avg_pool2d_forward_kernel, k.CONFIGS, out.numel(), x.device,
                            x, out, out.numel(), x.shape[1], x.shape[2], x.shape[3], out.shape[2], out.shape[3],
-                           *x.stride(), *out.stride(), *kernel, *stride, *padding, divisor_override,
-                           COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=cl, IDX64=needs_int64(x, out))
+                           *dividers(x.shape[1], out.shape[2], out.shape[3]), *x.stride(), *out.stride(), *kernel,
+                           *stride, *padding, divisor_override, COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=cl,
+                           IDX64=needs_int64(x, out))
     return out
 
 
@@ -188,10 +197,11 @@ def avg_pool2d_backward(grad_output: Tensor, input_size: list[int], channels_las
         _, C, H, W = input_size
         launch_elementwise(k.avg_pool2d_backward_kernel, k.CONFIGS, grad_input.numel(), grad_input.device,
                            grad_output, grad_input, grad_input.numel(), C, H, W,
-                           grad_output.shape[2], grad_output.shape[3], *grad_output.stride(),
+                           grad_output.shape[2], grad_output.shape[3], *dividers(C, H, W, *stride),
+                           *grad_output.stride(),
                            *kernel, *stride, *padding, divisor_override, *_trip_counts(kernel, stride, (1, 1)),
                            COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=channels_last,
-                           IDX64=needs_int64(grad_output, grad_input))
+                           IDX64=_gather_int64(input_size, stride, padding, grad_output, grad_input))
     return grad_input
 
 
