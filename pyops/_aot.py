@@ -151,7 +151,8 @@ def conv_specs(conv):
                               "sxn sxc sxh sxw", "swk swc swr sws", "sdn sdk sdh sdw", "Cg Kg")
             yield variant("conv2d_wgrad", conv.conv2d_wgrad_kernel,
                           {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "ws_ptr": f"*{acc}",
-                           **ints("N H W OH OW Cg Kg K SPLIT P_SPLIT sdn sdk sdh sdw sxn sxc sxh sxw"), **window,
+                           **ints("N H W OH OW"), "OW_m": "i32", "OH_m": "i32", "shifts": "i32",
+                           **ints("Cg Kg K SPLIT P_SPLIT sdn sdk sdh sdw sxn sxc sxh sxw"), **window,
                            **flags, **tile}, meta, warps, "sxn sxc sxh sxw", "", "sdn sdk sdh sdw", "Cg Kg K")
         if layout != "generic":
             continue

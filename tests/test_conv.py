@@ -195,6 +195,33 @@ def test_wgrad_split_counts_agree(monkeypatch):
         torch.testing.assert_close(r, w.grad, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_int64_index_path_matches(monkeypatch, transpose, channels_last):
+    """The Triton kernels' int64 index variant (taken past 2^31 offsets: native division, 64-bit
+    bound checks) gives the int32 one's results bit for bit, forward and all gradients."""
+    import pyops.ops.conv as conv_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
+    xs, ws, kwargs = TRANSPOSE_CASES[1] if transpose else CONV_CASES[11]
+    fn = pyops.functional.conv_transpose2d if transpose else pyops.functional.conv2d
+    torch.manual_seed(0)
+    x, w = torch.randn(xs, dtype=torch.float64), torch.randn(ws, dtype=torch.float64)
+    b = torch.randn(_bias_size(ws, kwargs, transpose), dtype=torch.float64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    results = []
+    for force in (False, True):
+        monkeypatch.setattr(conv_ops, "needs_int64", lambda *t, force=force: force)
+        xi, wi, bi = (t.to(device).contiguous(memory_format=fmt) if t.dim() == 4 else t.to(device) for t in (x, w, b))
+        xi, wi, bi = (t.requires_grad_() for t in (xi, wi, bi))
+        with pyops.backend("triton"):
+            y = fn(xi, wi, bi, **kwargs)
+            grads = torch.autograd.grad(y, (xi, wi, bi), torch.ones_like(y) + y.detach())
+        results.append((y.detach(), *grads))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+
+
 def test_empty_batch_and_zero_grad(backend_device):
     x = torch.randn(0, 3, 5, 5, device=backend_device, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=backend_device, requires_grad=True)

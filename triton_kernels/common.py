@@ -37,6 +37,13 @@ def divmod_by(n, d, magic, shift, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def packed_shift(shifts, i: tl.constexpr):
+    """The i-th 5-bit field of ``shifts``: the shift of a launcher's i-th divisor
+    (pyops.ops._launch.dividers packs them so)."""
+    return (shifts >> (5 * i)) & 31
+
+
+@triton.jit
 def philox4x32_10(seed, counter, offset):
     """Philox4x32-10 with key (seed_lo, seed_hi) and counter (ctr_lo, ctr_hi, offset_lo, offset_hi).
 

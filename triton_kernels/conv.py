@@ -4,8 +4,13 @@ No im2col buffer is built in global memory: each program gathers its tiles of th
 virtual patch matrix straight from the input through its strides, so NCHW and NHWC
 (channels_last) inputs and outputs are both served. The reduction runs as one flat
 loop over (kernel tap, channel block) so Triton pipelines it, and one tap's rows share
-one 1-D bound check. Accumulation is float32 (float64 for float64 inputs); float32
-products are exact IEEE (no TF32), as torch with TF32 off.
+one 1-D bound check. The loop body is kept lean, since on an H100 the warps issuing the
+tensor-core MMAs also compute every address and mask: (tap, block) advance by counters,
+not integer division; rows are pointers at the first tap plus one per-tap scalar
+offset; bound checks are single unsigned comparisons (_below); wgrad finds its pixels
+by multiply-shift division (common.divmod_by); scripts/sass_stats.py counts what is
+left. Accumulation is float32 (float64 for float64 inputs); float32 products are exact
+IEEE (no TF32), as torch with TF32 off.
 
 One family serves both ops: conv_transpose2d's forward is ``conv2d_dgrad_kernel``
 (with its bias), its input gradient ``conv2d_forward_kernel`` and its weight gradient
@@ -23,6 +28,8 @@ One family serves both ops: conv_transpose2d's forward is ``conv2d_dgrad_kernel`
 """
 import triton
 import triton.language as tl
+
+from .common import divmod_by, packed_shift
 
 # Tile configurations. The first is the smallest tl.dot allows: the interpreter and tiny
 # problems use it. float64 tiles are kept small (register file and shared memory).
@@ -50,7 +57,8 @@ FP64_CONFIGS = [
 # tests/test_aot_compile.py checks the PTX of the aligned variants.
 _CONV2D_FORWARD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
 _CONV2D_DGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "HQ", "WQ", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW", "STEP_H", "STEP_W"]
-_CONV2D_WGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "SPLIT", "P_SPLIT", "R", "S", "SH", "SW", "PH", "PW", "DH", "DW"]
+_CONV2D_WGRAD_KERNEL_GEOMETRY = ["N", "H", "W", "OH", "OW", "OW_m", "OH_m", "shifts", "SPLIT", "P_SPLIT", "R", "S", "SH",
+                                 "SW", "PH", "PW", "DH", "DW"]
 
 
 @triton.jit
@@ -87,6 +95,29 @@ def _pid(axis, IDX64: tl.constexpr):
     return pid
 
 
+@triton.jit
+def _below(v, n, IDX64: tl.constexpr):
+    """0 <= v < n in one unsigned comparison (v may be negative; n >= 0)."""
+    if IDX64:
+        ok = v.to(tl.uint64, bitcast=True) < n.to(tl.uint64)
+    else:
+        ok = v.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+    return ok
+
+
+@triton.jit
+def _next_step(r, s, c0, S, C, BLOCK: tl.constexpr):
+    """The step after (tap (r, s), channel block c0) of a reduction over taps x channel blocks."""
+    c0 += BLOCK
+    wrap_c = c0 >= C
+    c0 = tl.where(wrap_c, 0, c0)
+    s = tl.where(wrap_c, s + 1, s)
+    wrap_s = s >= S
+    s = tl.where(wrap_s, 0, s)
+    r = tl.where(wrap_s, r + 1, r)
+    return r, s, c0
+
+
 @triton.jit(do_not_specialize=_CONV2D_FORWARD_KERNEL_GEOMETRY)
 def conv2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
                           N, H, W, OH, OW, Cg, Kg,
@@ -104,27 +135,28 @@ def conv2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
     t = offs_m // OW
     oh = t % OH
     n = t // OH
-    hb = oh * SH - PH
+    hb = tl.where(m_ok, oh * SH - PH, H)  # rows past M start out of range: no m_ok in the loop
     wb = ow * SW - PW
-    x_rows = x_ptr + n * sxn + g * Cg * sxc
+    x_rows = x_ptr + n * sxn + g * Cg * sxc + hb * sxh + wb * sxw     # at tap (0, 0)
     w_cols = w_ptr + (g * Kg + offs_k) * swk
     offs_c = tl.arange(0, BLOCK_K)
     acc = _acc_init(x_ptr, BLOCK_M, BLOCK_N)
-    cblocks = tl.cdiv(Cg, BLOCK_K)
-    for i in range(0, R * S * cblocks):
-        rs = i // cblocks
-        c = (i - rs * cblocks) * BLOCK_K + offs_c
-        r = rs // S
-        s = rs - r * S
+    # (r, s, c0): the tap and channel block of step i, advanced by counters (no division in the loop)
+    r = 0
+    s = 0
+    c0 = 0
+    for i in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
+        c = c0 + offs_c
         h = hb + r * DH
         w = wb + s * DW
-        row_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        row_ok = _below(h, H, IDX64) & _below(w, W, IDX64)
         c_ok = c < Cg
-        a = tl.load(x_rows[:, None] + (h * sxh + w * sxw)[:, None] + (c * sxc)[None, :],
+        a = tl.load(x_rows[:, None] + (r * DH * sxh + s * DW * sxw) + (c * sxc)[None, :],
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         b = tl.load(w_cols[None, :] + (c * swc + r * swr + s * sws)[:, None],
                     mask=c_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST)
+        r, s, c0 = _next_step(r, s, c0, S, Cg, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + g * Kg + offs_k, mask=k_ok, other=0.0).to(acc.dtype)[None, :]
     y = y_ptr + (n * syn + oh * syh + ow * syw)[:, None] + ((g * Kg + offs_k) * syc)[None, :]
@@ -174,28 +206,32 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
     s0 = _first_tap(ph_w, PW, DW, SW, STEP_W, S)
     nr = tl.where(r0 < R, (R - r0 + STEP_H - 1) // STEP_H, 0)
     ns = tl.where(s0 < S, (S - s0 + STEP_W - 1) // STEP_W, 0)
-    dy_rows = dy_ptr + n * sdn + g * Kg * sdk
+    # Within the phase, tap (r, s) reads dy at oh = hq + (ph_h + PH - r*DH) / SH (an exact
+    # division, the same for every pixel), and ow likewise: row pointers at hq, wq plus a
+    # per-tap offset, no division in the loop. Each tap step moves oh by -STEP_H*DH / SH.
+    dh0 = (ph_h + PH - r0 * DH) // SH
+    dw0 = (ph_w + PW - s0 * DW) // SW
+    dh_step = STEP_H * DH // SH
+    dw_step = STEP_W * DW // SW
+    dy_rows = dy_ptr + n * sdn + g * Kg * sdk + hq * sdh + wq * sdw
     w_cols = w_ptr + g * Kg * swk + offs_c * swc
     offs_k = tl.arange(0, BLOCK_K)
     acc = _acc_init(dx_ptr, BLOCK_M, BLOCK_N)
-    kblocks = tl.cdiv(Kg, BLOCK_K)
-    for i in range(0, nr * ns * kblocks):
-        tap = i // kblocks
-        k = (i - tap * kblocks) * BLOCK_K + offs_k
-        tr = tap // ns
-        r = r0 + tr * STEP_H
-        s = s0 + (tap - tr * ns) * STEP_W
-        hn = h + PH - r * DH          # = oh * SH exactly when >= 0
-        wn = w + PW - s * DW
-        oh = tl.maximum(hn, 0) // SH
-        ow = tl.maximum(wn, 0) // SW
-        row_ok = m_ok & (hn >= 0) & (oh < OH) & (wn >= 0) & (ow < OW)
+    tr = 0
+    ts = 0
+    k0 = 0
+    for i in range(0, nr * ns * tl.cdiv(Kg, BLOCK_K)):
+        k = k0 + offs_k
+        dh = dh0 - tr * dh_step
+        dw = dw0 - ts * dw_step
+        row_ok = m_ok & _below(hq + dh, OH, IDX64) & _below(wq + dw, OW, IDX64)
         k_ok = k < Kg
-        a = tl.load(dy_rows[:, None] + (oh * sdh + ow * sdw)[:, None] + (k * sdk)[None, :],
+        a = tl.load(dy_rows[:, None] + (dh * sdh + dw * sdw) + (k * sdk)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_cols[None, :] + (k * swk + r * swr + s * sws)[:, None],
-                    mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        tap = (r0 + tr * STEP_H) * swr + (s0 + ts * STEP_W) * sws
+        b = tl.load(w_cols[None, :] + (k * swk)[:, None] + tap, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST)
+        tr, ts, k0 = _next_step(tr, ts, k0, ns, Kg, BLOCK_K)
     if HAS_BIAS:  # conv_transpose2d's bias
         acc += tl.load(b_ptr + g * Cg + offs_c, mask=c_ok, other=0.0).to(acc.dtype)[None, :]
     dx = dx_ptr + (n * sxn + h * sxh + w * sxw)[:, None] + ((g * Cg + offs_c) * sxc)[None, :]
@@ -204,7 +240,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
 
 @triton.jit(do_not_specialize=_CONV2D_WGRAD_KERNEL_GEOMETRY)
 def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
-                        N, H, W, OH, OW, Cg, Kg, K, SPLIT, P_SPLIT,
+                        N, H, W, OH, OW, OW_m, OH_m, shifts, Cg, Kg, K, SPLIT, P_SPLIT,
                         sdn, sdk, sdh, sdw, sxn, sxc, sxh, sxw,
                         R, S, SH, SW, PH, PW, DH, DW,
                         IDX64: tl.constexpr, UPCAST: tl.constexpr,
@@ -212,6 +248,8 @@ def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
     """ws[split, g*Kg + k, c, r, s] = sum over pixels p of chunk ``split`` of dy[n, g*Kg + k, oh, ow] * x[n, g*Cg + c, h, w].
 
     ws is a dense (SPLIT, K, Cg, R, S) float32/float64 buffer (the weight itself when SPLIT == 1).
+    Pixels are found by multiply-shift division (common.divmod_by): OW_m, OH_m and their
+    shifts packed in ``shifts`` (pyops.ops._launch.dividers(OW, OH)).
     """
     z = _pid(2, IDX64)
     g = z // SPLIT
@@ -234,16 +272,14 @@ def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
     acc = _acc_init(ws_ptr, BLOCK_M, BLOCK_N)
     for p0 in range(p_begin, p_end, BLOCK_K):
         p = p0 + offs_p
-        ow = p % OW
-        t = p // OW
-        oh = t % OH
-        n = t // OH
+        t, ow = divmod_by(p, OW, OW_m, packed_shift(shifts, 0), IDX64)
+        n, oh = divmod_by(t, OH, OH_m, packed_shift(shifts, 1), IDX64)
         h = oh * SH - PH + r * DH
         w = ow * SW - PW + s * DW
         p_ok = p < p_end
         a = tl.load(dy_rows[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
                     mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        x_ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        x_ok = p_ok & _below(h, H, IDX64) & _below(w, W, IDX64)
         b = tl.load(x_cols[None, :] + (n * sxn + h * sxh + w * sxw)[:, None],
                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST)

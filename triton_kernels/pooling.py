@@ -16,7 +16,7 @@ memory traffic allows (channels-last: see _decode). Window arithmetic is the one
 import triton
 import triton.language as tl
 
-from .common import divmod_by, to_opmath
+from .common import divmod_by, packed_shift, to_opmath
 
 # The magic numbers and shifts vary with the shape but are not worth a specialisation each.
 _OUT_DIVIDERS = ["C_m", "OH_m", "OW_m", "shifts"]
@@ -37,12 +37,6 @@ def _offsets(BLOCK: tl.constexpr, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _shift(shifts, i: tl.constexpr):
-    """The i-th 5-bit field of ``shifts``: the shift of the launcher's i-th divisor."""
-    return (shifts >> (5 * i)) & 31
-
-
-@triton.jit
 def _decode(offs, C, H, W, C_m, H_m, W_m, shifts, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr):
     """(n, c, h, w) of flat index offs in a (N, C, H, W) tensor stored NCHW or NHWC.
 
@@ -59,9 +53,9 @@ def _decode(offs, C, H, W, C_m, H_m, W_m, shifts, CHANNELS_LAST: tl.constexpr, I
         h = t % H
         n = t // H
     else:
-        t, w = divmod_by(offs, W, W_m, _shift(shifts, 2), IDX64)
-        t, h = divmod_by(t, H, H_m, _shift(shifts, 1), IDX64)
-        n, c = divmod_by(t, C, C_m, _shift(shifts, 0), IDX64)
+        t, w = divmod_by(offs, W, W_m, packed_shift(shifts, 2), IDX64)
+        t, h = divmod_by(t, H, H_m, packed_shift(shifts, 1), IDX64)
+        n, c = divmod_by(t, C, C_m, packed_shift(shifts, 0), IDX64)
     return n, c, h, w
 
 
@@ -145,8 +139,8 @@ def max_pool2d_backward_kernel(go_ptr, idx_ptr, gi_ptr, total, C, H, W, OH, OW, 
         acc = acc.to(tl.float64)
     gbase = n * sgn + c * sgc
     jbase = n * sjn + c * sjc
-    oh_lo, oh_hi = _windows_containing(ih, PH, KH, SH, DH, OH, SH_m, _shift(shifts, 3), IDX64 | CHANNELS_LAST)
-    ow_lo, ow_hi = _windows_containing(iw, PW, KW, SW, DW, OW, SW_m, _shift(shifts, 4), IDX64 | CHANNELS_LAST)
+    oh_lo, oh_hi = _windows_containing(ih, PH, KH, SH, DH, OH, SH_m, packed_shift(shifts, 3), IDX64 | CHANNELS_LAST)
+    ow_lo, ow_hi = _windows_containing(iw, PW, KW, SW, DW, OW, SW_m, packed_shift(shifts, 4), IDX64 | CHANNELS_LAST)
     for th in range(0, NTH):
         oh = oh_lo + th
         h_ok = mask & (oh <= oh_hi)
@@ -206,8 +200,8 @@ def avg_pool2d_backward_kernel(go_ptr, gi_ptr, total, C, H, W, OH, OW, C_m, H_m,
     if gi_ptr.dtype.element_ty == tl.float64:
         acc = acc.to(tl.float64)
     gbase = n * sgn + c * sgc
-    oh_lo, oh_hi = _windows_containing(ih, PH, KH, SH, 1, OH, SH_m, _shift(shifts, 3), IDX64 | CHANNELS_LAST)
-    ow_lo, ow_hi = _windows_containing(iw, PW, KW, SW, 1, OW, SW_m, _shift(shifts, 4), IDX64 | CHANNELS_LAST)
+    oh_lo, oh_hi = _windows_containing(ih, PH, KH, SH, 1, OH, SH_m, packed_shift(shifts, 3), IDX64 | CHANNELS_LAST)
+    ow_lo, ow_hi = _windows_containing(iw, PW, KW, SW, 1, OW, SW_m, packed_shift(shifts, 4), IDX64 | CHANNELS_LAST)
     for th in range(0, NTH):
         oh = oh_lo + th
         h_ok = mask & (oh <= oh_hi)

@@ -24,7 +24,7 @@ from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
 from .._library import apply_function, builds_cpp_node, op
 from ._launch import cdiv as _cdiv
-from ._launch import device_guard, gpu_geometry, needs_int64
+from ._launch import device_guard, dividers, gpu_geometry, needs_int64
 from ._launch import sm_count as _sm_count
 
 
@@ -157,7 +157,7 @@ def _weight_grad_triton(dy, x, dw, stride, padding, dilation, groups):
         ws = dw if split == 1 and dw.dtype == acc_dtype else \
             torch.empty((split, K, Cg, R, S), dtype=acc_dtype, device=dw.device)
         grid = (_cdiv(Kg, bm), R * S * _cdiv(Cg, bn), groups * split)
-        k.conv2d_wgrad_kernel[grid](dy, x, ws, N, H, W, OH, OW, Cg, Kg, K, split, p_split,
+        k.conv2d_wgrad_kernel[grid](dy, x, ws, N, H, W, OH, OW, *dividers(OW, OH), Cg, Kg, K, split, p_split,
                                     *dy.stride(), *x.stride(), R, S, *stride, *padding, *dilation,
                                     IDX64=idx64 or needs_int64(ws), **_launch_opts(cfg))
         if ws is not dw:
