@@ -37,6 +37,16 @@ def divmod_by(n, d, magic, shift, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def below(v, n, IDX64: tl.constexpr):
+    """0 <= v < n in one unsigned comparison (v may be negative; n >= 0)."""
+    if IDX64:
+        ok = v.to(tl.uint64, bitcast=True) < n.to(tl.uint64)
+    else:
+        ok = v.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+    return ok
+
+
+@triton.jit
 def packed_shift(shifts, i: tl.constexpr):
     """The i-th 5-bit field of ``shifts``: the shift of a launcher's i-th divisor
     (pyops.ops._launch.dividers packs them so)."""

@@ -7,7 +7,7 @@ loop over (kernel tap, channel block) so Triton pipelines it, and one tap's rows
 one 1-D bound check. The loop body is kept lean, since on an H100 the warps issuing the
 tensor-core MMAs also compute every address and mask: (tap, block) advance by counters,
 not integer division; rows are pointers at the first tap plus one per-tap scalar
-offset; bound checks are single unsigned comparisons (_below); wgrad finds its pixels
+offset; bound checks are single unsigned comparisons (common.below); wgrad finds its pixels
 by multiply-shift division (common.divmod_by); scripts/sass_stats.py counts what is
 left. Accumulation is float32 (float64 for float64 inputs); float32 products are exact
 IEEE (no TF32), as torch with TF32 off.
@@ -29,7 +29,7 @@ One family serves both ops: conv_transpose2d's forward is ``conv2d_dgrad_kernel`
 import triton
 import triton.language as tl
 
-from .common import divmod_by, packed_shift
+from .common import below, divmod_by, packed_shift
 
 # Tile configurations. The first is the smallest tl.dot allows: the interpreter and tiny
 # problems use it. float64 tiles are kept small (register file and shared memory).
@@ -96,16 +96,6 @@ def _pid(axis, IDX64: tl.constexpr):
 
 
 @triton.jit
-def _below(v, n, IDX64: tl.constexpr):
-    """0 <= v < n in one unsigned comparison (v may be negative; n >= 0)."""
-    if IDX64:
-        ok = v.to(tl.uint64, bitcast=True) < n.to(tl.uint64)
-    else:
-        ok = v.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
-    return ok
-
-
-@triton.jit
 def _next_step(r, s, c0, S, C, BLOCK: tl.constexpr):
     """The step after (tap (r, s), channel block c0) of a reduction over taps x channel blocks."""
     c0 += BLOCK
@@ -149,7 +139,7 @@ def conv2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr,
         c = c0 + offs_c
         h = hb + r * DH
         w = wb + s * DW
-        row_ok = _below(h, H, IDX64) & _below(w, W, IDX64)
+        row_ok = below(h, H, IDX64) & below(w, W, IDX64)
         c_ok = c < Cg
         a = tl.load(x_rows[:, None] + (r * DH * sxh + s * DW * sxw) + (c * sxc)[None, :],
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
@@ -224,7 +214,7 @@ def conv2d_dgrad_kernel(dy_ptr, w_ptr, b_ptr, dx_ptr,
         k = k0 + offs_k
         dh = dh0 - tr * dh_step
         dw = dw0 - ts * dw_step
-        row_ok = m_ok & _below(hq + dh, OH, IDX64) & _below(wq + dw, OW, IDX64)
+        row_ok = m_ok & below(hq + dh, OH, IDX64) & below(wq + dw, OW, IDX64)
         k_ok = k < Kg
         a = tl.load(dy_rows[:, None] + (dh * sdh + dw * sdw) + (k * sdk)[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -279,7 +269,7 @@ def conv2d_wgrad_kernel(dy_ptr, x_ptr, ws_ptr,
         p_ok = p < p_end
         a = tl.load(dy_rows[:, None] + (n * sdn + oh * sdh + ow * sdw)[None, :],
                     mask=k_ok[:, None] & p_ok[None, :], other=0.0)
-        x_ok = p_ok & _below(h, H, IDX64) & _below(w, W, IDX64)
+        x_ok = p_ok & below(h, H, IDX64) & below(w, W, IDX64)
         b = tl.load(x_cols[None, :] + (n * sxn + h * sxh + w * sxw)[:, None],
                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST)

@@ -16,7 +16,7 @@ memory traffic allows (channels-last: see _decode). Window arithmetic is the one
 import triton
 import triton.language as tl
 
-from .common import divmod_by, packed_shift, to_opmath
+from .common import below, divmod_by, packed_shift, to_opmath
 
 # The magic numbers and shifts vary with the shape but are not worth a specialisation each.
 _OUT_DIVIDERS = ["C_m", "OH_m", "OW_m", "shifts"]
@@ -109,12 +109,13 @@ def max_pool2d_forward_kernel(x_ptr, out_ptr, idx_ptr, total, C, H, W, OH, OW, C
     if x_ptr.dtype.element_ty == tl.float64:
         best = best.to(tl.float64)
     base = n * sxn + c * sxc
+    h0 = tl.where(mask, hs, H)  # lanes past the end see no row in range
     for kh in range(0, KH):
-        h = hs + kh * DH
-        h_ok = mask & (h >= 0) & (h < H)
+        h = h0 + kh * DH
+        h_ok = below(h, H, IDX64)
         for kw in range(0, KW):
             w = ws + kw * DW
-            ok = h_ok & (w >= 0) & (w < W)
+            ok = h_ok & below(w, W, IDX64)
             v = to_opmath(tl.load(x_ptr + base + h * sxh + w * sxw, mask=ok, other=float("-inf")))
             take = ok & ((v > best) | (v != v))
             best = tl.where(take, v, best)
@@ -172,12 +173,13 @@ def avg_pool2d_forward_kernel(x_ptr, out_ptr, total, C, H, W, OH, OW, C_m, OH_m,
     if x_ptr.dtype.element_ty == tl.float64:
         acc = acc.to(tl.float64)
     base = n * sxn + c * sxc
+    h0 = tl.where(mask, hs, H)  # lanes past the end see no row in range
     for kh in range(0, KH):
-        h = hs + kh
-        h_ok = mask & (h >= 0) & (h < H)
+        h = h0 + kh
+        h_ok = below(h, H, IDX64)
         for kw in range(0, KW):
             w = ws + kw
-            ok = h_ok & (w >= 0) & (w < W)
+            ok = h_ok & below(w, W, IDX64)
             acc += to_opmath(tl.load(x_ptr + base + h * sxh + w * sxw, mask=ok, other=0.0))
     div = _avg_divisor(hs, ws, H, W, KH, KW, PH, PW, divisor_override, COUNT_INCLUDE_PAD)
     empty = (tl.maximum(hs, 0) >= tl.minimum(hs + KH, H)) | (tl.maximum(ws, 0) >= tl.minimum(ws + KW, W))
