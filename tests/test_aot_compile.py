@@ -71,3 +71,21 @@ def test_specs_cover_every_kernel():
             if isinstance(obj, Kernel) and name.endswith("_kernel") and obj.fn.__module__ == m.__name__:
                 found.add(obj.fn)
     assert found and found <= covered, sorted(f.__name__ for f in found - covered)
+
+
+def test_sass_stats_counts_a_kernel():
+    """scripts/sass_stats.py (SASS instruction counts per loop trip) works on this install."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "scripts", "sass_stats.py"), r"^max_pool2d_forward\[",
+                           r"x_ptr=\*fp32", "total=i32", "'IDX64': False", "'CHANNELS_LAST': False", "BLOCK': 1024"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "1 variants", proc.stdout
+    kernel = next(line for line in lines if line.strip().startswith("kernel:"))
+    assert "LDG=" in kernel and "STG=" in kernel, kernel
+    assert any(line.strip().startswith("loop at") for line in lines), proc.stdout  # the window loop
