@@ -125,6 +125,32 @@ def test_cpp_small_planes_match_float64(shape):
         torch.testing.assert_close(a.double(), r, atol=1e-4 * r.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,channels_last", [((2, 3, 5, 7), False), ((2, 3, 5, 7), True), ((2, 5, 9, 9), False)])
+def test_int64_index_path_matches(monkeypatch, shape, channels_last, training):
+    """The Triton kernels' int64 index variant (taken past 2^31 offsets: native division, 64-bit
+    rows and columns) gives the int32 one's results bit for bit, forward, running stats and gradients."""
+    import pyops.ops.batch_norm as bn_ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: through the interpreter
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float32) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b, g = torch.rand(shape[1]) + 0.5, torch.randn(shape[1]), torch.randn(shape)
+    results = []
+    for force in (False, True):
+        monkeypatch.setattr(bn_ops, "needs_int64", lambda *t, force=force: force)
+        xi, wi, bi = (t.to(device).requires_grad_() for t in (x, w, b))
+        rm, rv = torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device)
+        with pyops.backend("triton"):
+            y = pyops.functional.batch_norm(xi, rm, rv, wi, bi, training, 0.1, 1e-5)
+            grads = torch.autograd.grad(y, (xi, wi, bi), g.to(device))
+        results.append((y.detach(), rm, rv, *grads))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+
+
 def test_running_stats_untouched_by_an_empty_batch(backend_device):
     rm, rv = torch.zeros(3, device=backend_device), torch.ones(3, device=backend_device)
     x = torch.randn(0, 3, 4, 4, device=backend_device, requires_grad=True)

@@ -233,9 +233,11 @@ def elementwise_kernel(u_ptr, v_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, s
     pid = tl.program_id(0)
     col_blocks = tl.cdiv(S, BLOCK_S)
     rb = pid // col_blocks
-    cols = (pid - rb * col_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cb = pid - rb * col_blocks
     if IDX64:
         rb = rb.to(tl.int64)
+        cb = cb.to(tl.int64)
+    cols = cb * BLOCK_S + tl.arange(0, BLOCK_S)
     rows = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (rows < R)[:, None] & (cols < S)[None, :]
     offs = rows[:, None] * S + cols[None, :]
