@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -93,6 +94,27 @@ def triton_interpreted() -> bool:
     return isinstance(tk.common.philox_blocks_kernel, InterpretedFunction)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run pyops' kernels in this environment, or None."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        # its scalars are 1-element arrays and loops over them call int() on one: an error since numpy 2.4
+        return (f"Triton {triton.__version__}'s interpreter does not run with numpy {numpy.__version__}; "
+                "install numpy<2.4 or triton>=3.7 (or use the C++ backend for CPU tensors)")
+    return None
+
+
 def select(*tensors: torch.Tensor | None) -> str:
     """Return 'triton' or 'cpp' for a kernel over ``tensors``, or raise RuntimeError saying how to fix the call."""
     device = None
@@ -126,12 +148,16 @@ def select(*tensors: torch.Tensor | None) -> str:
         return name
     if triton_kernels() is None:
         raise RuntimeError("pyops: the Triton backend needs the `triton` package; pip install triton")
-    if kind == "cpu" and not triton_interpreted():
-        raise RuntimeError(
-            "pyops: the Triton backend runs CPU tensors only in Triton's interpreter; set "
-            "TRITON_INTERPRET=1 before importing pyops, or use PYOPS_BACKEND=cpp "
-            "(or pyops.backend('cpp')) for CPU tensors"
-        )
+    if kind == "cpu":
+        if not triton_interpreted():
+            raise RuntimeError(
+                "pyops: the Triton backend runs CPU tensors only in Triton's interpreter; set "
+                "TRITON_INTERPRET=1 before importing pyops, or use PYOPS_BACKEND=cpp "
+                "(or pyops.backend('cpp')) for CPU tensors"
+            )
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(f"pyops: {problem}")
     if kind not in ("cpu", "cuda"):
         raise RuntimeError(f"pyops: the Triton backend has no kernels for {kind} tensors")
     return name

@@ -89,6 +89,34 @@ def test_triton_on_cpu_without_interpreter_names_the_fix():
     assert "RuntimeError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout and "PYOPS_BACKEND=cpp" in out.stdout
 
 
+def test_interpreter_that_cannot_run_names_the_fix(monkeypatch):
+    """Triton 3.6's interpreter fails with numpy >= 2.4 (int() of 1-element arrays); pyops says so
+    and what to install, instead of failing inside the kernels."""
+    import numpy
+    import triton
+
+    from pyops import _dispatch
+
+    def problem(triton_version, numpy_version):
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        _dispatch.interpreter_problem.cache_clear()
+        return _dispatch.interpreter_problem()
+
+    try:
+        assert "numpy<2.4 or triton>=3.7" in problem("3.6.0", "2.4.1")
+        assert problem("3.6.0+git1234", "2.3.5") is None
+        assert problem("3.7.1", "2.4.1") is None
+        assert problem("3.10.0", "3.0.0") is None
+        if triton_interpreted():
+            problem("3.6.0", "2.4.1")
+            with pyops.backend("triton"), pytest.raises(RuntimeError, match="numpy<2.4"):
+                pyops.functional.sigmoid(torch.randn(3))
+    finally:
+        monkeypatch.undo()
+        _dispatch.interpreter_problem.cache_clear()
+
+
 def _ops_seen_by_a_dispatch_mode(fn):
     from torch.utils._python_dispatch import TorchDispatchMode
 
