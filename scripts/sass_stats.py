@@ -66,7 +66,6 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dump", action="store_true", help="print the innermost loop's SASS")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
