@@ -11,7 +11,9 @@ several times dearer in int64 on a GPU. In int32 NCHW, the divisions of every el
 (its (n, c, h, w), the windows it is in) multiply by the launcher's magic numbers
 (common.divmod_by; ``*_m`` arguments, their shifts packed 5 bits each in ``shifts``):
 a GPU's own 32-bit division costs ~20 instructions, a large share of what the element's
-memory traffic allows (channels-last: see _decode). Window arithmetic is the one of pyops/_pool.py and csrc/pooling.cpp.
+memory traffic allows (channels-last: see _decode). Window bounds are one unsigned
+comparison each (common.below). Window arithmetic is the one of pyops/_pool.py and
+csrc/pooling.cpp.
 """
 import triton
 import triton.language as tl

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -78,6 +79,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=4096)  # computed on every launch otherwise; a model has few distinct sizes
 def int_divider(d: int) -> tuple[int, int]:
     """(magic, shift) for triton_kernels.common.divmod_by: n // d == (umulhi(n, magic) + n) >> shift
     for 0 <= n < 2^31, 1 <= d < 2^31, in unsigned 32-bit arithmetic; magic as the int32 of its bits.
