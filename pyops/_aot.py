@@ -164,7 +164,7 @@ def conv_specs(conv):
                 "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"}, {"BLOCK_C": 32, "BLOCK_P": 64}, 4)
 
 
-# (magic, shift) of an int_divider: int32 whatever the index width (unused with IDX64)
+# (magic, shift) of dividers(L) (one divisor: its packed shift is the shift): int32 whatever the index width
 _DIVIDER = {"L_magic": "i32", "L_shift": "i32"}
 
 

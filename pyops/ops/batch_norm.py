@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, builds_cpp_node, op
 from .._tensor import suggests_channels_last
-from ._launch import cdiv, device_guard, gpu_geometry, int_divider, needs_int64, sm_count
+from ._launch import cdiv, device_guard, dividers, gpu_geometry, needs_int64, sm_count
 
 
 def is_nlc(x: Tensor) -> bool:
@@ -126,7 +126,7 @@ def batch_norm_stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor
         if x.numel() > 0:
             with device_guard(x.device):
                 k.partial_stats_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
-                    x, partials, N * L, C, L, *int_divider(L), per, CHANNELS_LAST=_nlc3(x), IDX64=needs_int64(x),
+                    x, partials, N * L, C, L, *dividers(L), per, CHANNELS_LAST=_nlc3(x), IDX64=needs_int64(x),
                     **cfg.kwargs, num_warps=cfg.num_warps)
     _merge(partials, out, running_mean, running_var, momentum)
     return out
@@ -212,7 +212,7 @@ def batch_norm_backward_reduce(grad_output: Tensor, x: Tensor, mean: Tensor, var
     with device_guard(x.device):
         if x.numel() > 0:
             k.grad_sums_kernel[(cdiv(C, cfg.kwargs["BLOCK_C"]), splits)](
-                grad_output, x, mean, partials, N * L, C, L, *int_divider(L), per, CHANNELS_LAST=_nlc3(x),
+                grad_output, x, mean, partials, N * L, C, L, *dividers(L), per, CHANNELS_LAST=_nlc3(x),
                 IDX64=needs_int64(x), **cfg.kwargs, num_warps=cfg.num_warps)
         k.grad_finalize_kernel[(cdiv(C, k.MERGE_BLOCK_C),)](partials, var, out, splits, C, float(eps),
                                                              BLOCK_C=k.MERGE_BLOCK_C)
