@@ -31,10 +31,13 @@ import triton.language as tl
 
 from .common import below, divmod_by, packed_shift
 
-# Tile configurations. The first is the smallest tl.dot allows: the interpreter and tiny
-# problems use it. float64 tiles are kept small (register file and shared memory).
+# Tile configurations. The first is the interpreter's (pyops.ops.conv._heuristic): the
+# interpreter's cost is per program and loop trip, nearly whatever the tile, so it takes
+# long pixel tiles (M; wgrad's reduction chunk K) that still split the larger test cases
+# over several programs and trips, and narrow channel tiles. GPUs take the others, chosen
+# or timed per problem. float64 tiles are kept small (register file and shared memory).
 CONFIGS = [
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64}, num_warps=1, num_stages=1),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),

@@ -44,7 +44,7 @@ def _configs(dtype: torch.dtype):
 
 
 def _heuristic(configs, device: torch.device, m: int, n: int, batch: int):
-    """The largest tile whose grid still gives every SM a program (interpreter: the smallest)."""
+    """The largest tile whose grid still gives every SM a program (interpreter: the first, its own)."""
     if not gpu_geometry(device):
         return configs[0]
     sms = _sm_count(device)
