@@ -28,6 +28,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -156,6 +157,124 @@ void im2col_tiny(const T* __restrict plane, T* __restrict col, const Geom& g, in
     }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Float planes of at most 64 elements (8x8 and smaller: the deep layers) fit in four zmm
+// registers, and so do patch rows of at most 64 outputs. im2col then builds each tap's
+// patch row, 16 outputs at a time, as one permutation of the plane's registers with zeros
+// where the tap falls outside the plane; col2im adds each tap's patch row into the plane
+// by the inverse permutation (a tap reads every in-plane element at most once). The
+// tables (index vector, lanes that take a value, lanes reading registers 2-3) per tap
+// and 16-lane chunk depend on the geometry only. This replaces a copy or add per output
+// row (rows of 2-8 elements made im2col a quarter of the GEMM's time); each element still
+// gets its taps' terms in tap order, as the row loops add them.
+constexpr int64_t kRegisterPlane = 64;
+
+inline bool register_plane(const Geom& g, int64_t cols) { return g.H * g.W <= kRegisterPlane && cols <= 64; }
+
+struct RegisterPermutes {
+  int64_t regs = 0, chunks = 0;           // registers of the source, 16-lane chunks of the destination
+  std::vector<int32_t> idx;               // (tap, chunk, lane): the source element, 0..63
+  std::vector<__mmask16> inside, upper;   // (tap, chunk): lanes that take a source element; those >= 32
+};
+
+// Source and destination: the plane and the patch row of output rows [oh0, oh1) of each
+// tap (im2col), or the reverse (to_plane: col2im).
+RegisterPermutes register_permutes(const Geom& g, int64_t oh0, int64_t oh1, bool to_plane) {
+  RegisterPermutes t;
+  const int64_t plane = g.H * g.W, cols = (oh1 - oh0) * g.OW;
+  const int64_t src = to_plane ? cols : plane, dst = to_plane ? plane : cols;
+  t.regs = src <= 16 ? 1 : src <= 32 ? 2 : 4;
+  t.chunks = (dst + 15) / 16;
+  const int64_t entries = g.R * g.S * t.chunks;
+  t.idx.assign(entries * 16, 0);
+  t.inside.assign(entries, 0);
+  t.upper.assign(entries, 0);
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t s = 0; s < g.S; ++s)
+      for (int64_t q = 0; q < cols; ++q) {
+        const int64_t h = (oh0 + q / g.OW) * g.sh - g.ph + r * g.dh, w = (q % g.OW) * g.sw - g.pw + s * g.dw;
+        if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
+        const int64_t at = h * g.W + w, from = to_plane ? q : at, into = to_plane ? at : q;
+        const int64_t e = (r * g.S + s) * t.chunks + into / 16;
+        const auto bit = static_cast<__mmask16>(1u << (into % 16));
+        t.idx[e * 16 + into % 16] = static_cast<int32_t>(from);
+        t.inside[e] |= bit;
+        if (from >= 32) t.upper[e] |= bit;
+      }
+  return t;
+}
+
+// register_permutes of the last geometry this thread asked for, per direction: callers
+// go channel by channel or image by image, each call with the same tables.
+const RegisterPermutes& cached_permutes(const Geom& g, int64_t oh0, int64_t oh1, bool to_plane) {
+  using Key = std::array<int64_t, 14>;
+  thread_local RegisterPermutes tables[2];
+  thread_local Key keys[2] = {Key{-1}, Key{-1}};
+  const Key key{g.H, g.W, g.R, g.S, g.OH, g.OW, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, oh0, oh1};
+  if (keys[to_plane] != key) {
+    tables[to_plane] = register_permutes(g, oh0, oh1, to_plane);
+    keys[to_plane] = key;
+  }
+  return tables[to_plane];
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1u);
+}
+
+// The n <= 64 floats at p in four registers (zeros past n).
+struct Regs {
+  __m512 z[4];
+  Regs(const float* p, int64_t n) {
+    for (int64_t i = 0; i < 4; ++i) z[i] = _mm512_maskz_loadu_ps(first_lanes(n - 16 * i), p + 16 * i);
+  }
+  // entry e of t: its source elements in its lanes (others: zero for im2col's zero padding)
+  __m512 permute(const RegisterPermutes& t, int64_t e) const {
+    const __m512i id = _mm512_loadu_si512(t.idx.data() + e * 16);
+    if (t.regs == 1) return _mm512_maskz_permutexvar_ps(t.inside[e], id, z[0]);
+    if (t.regs == 2) return _mm512_maskz_permutex2var_ps(t.inside[e], z[0], id, z[1]);
+    const __m512 lo = _mm512_permutex2var_ps(z[0], id, z[1]), hi = _mm512_permutex2var_ps(z[2], id, z[3]);
+    return _mm512_maskz_mov_ps(t.inside[e], _mm512_mask_blend_ps(t.upper[e], lo, hi));
+  }
+};
+
+// im2col_nchw for register_plane geometries, channels [c0, c1).
+void im2col_register_plane(const float* __restrict x, float* __restrict col, const Geom& g, int64_t oh0, int64_t oh1,
+                           int64_t ld, int64_t c0, int64_t c1) {
+  const RegisterPermutes& t = cached_permutes(g, oh0, oh1, false);
+  const int64_t plane = g.H * g.W, taps = g.R * g.S, cols = (oh1 - oh0) * g.OW;
+  for (int64_t c = c0; c < c1; ++c) {
+    const Regs src(x + c * plane, plane);
+    float* rows = col + c * taps * ld;
+    for (int64_t tap = 0; tap < taps; ++tap)
+      for (int64_t j = 0; j < t.chunks; ++j)
+        _mm512_mask_storeu_ps(rows + tap * ld + j * 16, first_lanes(cols - j * 16), src.permute(t, tap * t.chunks + j));
+  }
+}
+
+// col2im_nchw for register_plane geometries: planes [c0, c1) of dx += their patch
+// gradients, rows ld apart.
+void col2im_register_plane(const float* __restrict dcol, float* __restrict dx, const Geom& g, int64_t oh0, int64_t oh1,
+                           int64_t ld, int64_t c0, int64_t c1) {
+  const RegisterPermutes& t = cached_permutes(g, oh0, oh1, true);
+  const int64_t plane = g.H * g.W, taps = g.R * g.S, cols = (oh1 - oh0) * g.OW;
+  for (int64_t c = c0; c < c1; ++c) {
+    float* p = dx + c * plane;
+    __m512 acc[4];
+    for (int64_t j = 0; j < t.chunks; ++j) acc[j] = _mm512_maskz_loadu_ps(first_lanes(plane - j * 16), p + j * 16);
+    const float* rows = dcol + c * taps * ld;
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const Regs src(rows + tap * ld, cols);
+      for (int64_t j = 0; j < t.chunks; ++j) {
+        const int64_t e = tap * t.chunks + j;
+        acc[j] = _mm512_mask_add_ps(acc[j], t.inside[e], acc[j], src.permute(t, e));
+      }
+    }
+    for (int64_t j = 0; j < t.chunks; ++j) _mm512_mask_storeu_ps(p + j * 16, first_lanes(plane - j * 16), acc[j]);
+  }
+}
+#endif
+
 // col (Cg*R*S, (oh1-oh0)*OW), rows ld apart (default: packed): the patches of output rows
 // [oh0, oh1) of channels [c0, c1) (default: all) of one image's group (x points at its
 // first channel plane).
@@ -166,6 +285,14 @@ void im2col_nchw(const T* __restrict x, T* __restrict col, const Geom& g, int64_
   if (ld < 0) ld = cols;
   if (c1 < 0) c1 = g.Cg();
   const bool runs = whole_plane_runs(g);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (register_plane(g, cols)) {
+      im2col_register_plane(x, col, g, oh0, oh1, ld, c0, c1);
+      return;
+    }
+  }
+#endif
   if (cols <= kTinyPatchRow) {
     std::vector<T> padded;
     for (int64_t c = c0; c < c1; ++c)
@@ -224,6 +351,14 @@ template <typename T>
 void col2im_nchw(T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t oh0, int64_t oh1) {
   const int64_t cols = (oh1 - oh0) * g.OW;
   const bool runs = whole_plane_runs(g);
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (register_plane(g, cols)) {
+      col2im_register_plane(dcol, dx, g, oh0, oh1, cols, 0, g.Cg());
+      return;
+    }
+  }
+#endif
   for (int64_t c = 0; c < g.Cg(); ++c) {
     T* plane = dx + c * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
@@ -1019,10 +1154,26 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
       for (int64_t grp = 0; grp < g.G; ++grp) {
         at::Tensor prod = at::empty({Cg * RS, g.N * OHW}, dy.options());
         at::mm_out(prod, wm.narrow(0, grp * Kg, Kg).t(), grad_all(dy, g, grp));
+        scalar_t* pdx = dx.data_ptr<scalar_t>();
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (register_plane(g, OHW)) {  // image n's columns in place: rows N*OHW apart
+            const float* pc = prod.data_ptr<float>();
+            float* pxf = dx.data_ptr<float>();  // (this branch is compiled for every dtype)
+            at::parallel_for(0, g.N * Cg, 16, [&](int64_t b, int64_t e) {
+              for (int64_t q = b; q < e; ++q) {
+                const int64_t n = q / Cg, c = q % Cg;
+                col2im_register_plane(pc + n * OHW, pxf + (n * g.C + grp * Cg) * g.H * g.W, g, 0, g.OH, g.N * OHW,
+                                      c, c + 1);
+              }
+            });
+            continue;
+          }
+        }
+#endif
         // (N, Cg*RS, OHW): each image's columns contiguous for its col2im
         const at::Tensor dcol = prod.view({Cg * RS, g.N, OHW}).permute({1, 0, 2}).contiguous();
         scalar_t* pc = dcol.data_ptr<scalar_t>();
-        scalar_t* pdx = dx.data_ptr<scalar_t>();
         at::parallel_for(0, g.N, 1, [&](int64_t b, int64_t e) {
           for (int64_t n = b; n < e; ++n)
             col2im_nchw<scalar_t>(pc + n * Cg * RS * OHW, pdx + (n * g.C + grp * Cg) * g.H * g.W, g, 0, g.OH);

@@ -129,6 +129,35 @@ def test_cpp_direct_taps(transpose, case, dtype):
         _compare("cpu", dtype, xs, ws, kwargs, transpose)
 
 
+# Planes of at most 64 floats (8x8 and smaller) with patch rows of at most 64: in AVX-512
+# builds the C++ patch matrix is built (forward, weight gradient) and added back into the
+# planes (input gradient) by register permutes (one, two or four registers per plane or
+# row), per image (>= 64 output pixels or one image) and batched over images.
+REGISTER_PLANE_CASES = [
+    ((3, 6, 4, 4), (10, 6, 3, 3), dict(padding=1)),                                # 16: one register
+    ((2, 4, 5, 6), (6, 2, 3, 3), dict(stride=2, padding=(2, 1), dilation=(2, 1), groups=2)),  # 30: two
+    ((3, 5, 7, 7), (8, 5, 3, 3), dict(padding=1)),                                 # 49: four
+    ((2, 5, 8, 8), (8, 5, 3, 3), dict(padding=1)),                                 # 64 outputs: per image
+    ((1, 3, 8, 8), (4, 3, 5, 5), dict(padding=4, dilation=(1, 2))),                # 96 outputs: 6 chunks
+    ((4, 8, 2, 2), (8, 8, 3, 3), dict(padding=1)),                                 # the deepest layers
+    ((3, 4, 6, 5), (5, 4, 1, 1), dict(stride=(2, 1), padding=(0, 1))),
+]
+# conv_transpose2d: its forward is the input gradient (col2im into planes of <= 64)
+REGISTER_PLANE_TRANSPOSE_CASES = [
+    ((3, 6, 3, 3), (6, 4, 3, 3), dict(stride=2, padding=1)),                        # 5x5 outputs
+    ((2, 4, 4, 4), (4, 6, 4, 4), dict(stride=2, padding=1, groups=2)),             # 8x8
+    ((1, 5, 2, 3), (5, 3, 3, 2), dict(stride=(3, 2), dilation=(1, 2), output_padding=1)),
+]
+
+
+@pytest.mark.parametrize("transpose,case", [(False, c) for c in REGISTER_PLANE_CASES]
+                         + [(True, c) for c in REGISTER_PLANE_TRANSPOSE_CASES], ids=str)
+def test_cpp_register_plane_patches(transpose, case):
+    xs, ws, kwargs = case
+    with pyops.backend("cpp"):
+        _compare("cpu", torch.float32, xs, ws, kwargs, transpose)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv2d_matches_torch(backend_device, dtype, case):
