@@ -26,6 +26,9 @@ def check_tensors(fn: str, input, weight, bias) -> None:
         raise RuntimeError(f"Input type ({input.dtype}) and weight type ({weight.dtype}) should be the same")
     if bias is not None and bias.dtype != input.dtype:
         raise RuntimeError(f"Input type ({input.dtype}) and bias type ({bias.dtype}) should be the same")
+    device = input.device
+    if weight.device == device and (bias is None or bias.device == device):
+        return
     devices = {t.device for t in (input, weight, bias) if t is not None}
     if len(devices) > 1:
         raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "

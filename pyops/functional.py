@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _conv, _pool
-from ._library import apply_function
+from ._library import apply_function, plain_eager
 from .ops.batch_norm import batch_norm as _batch_norm
 from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
 from .ops.conv import conv as _conv_op
@@ -110,12 +110,12 @@ def _autocast(*tensors):
     Returns the tensors (None stays None) cast to the autocast dtype when autocast is
     on for their device type and they are floating point; otherwise unchanged.
     """
-    if not all(t is None or isinstance(t, Tensor) for t in tensors) or tensors[0] is None:
-        return tensors  # the argument checks say what is wrong
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    for t in tensors:
+        if t is not None and not isinstance(t, Tensor):
+            return tensors  # the argument checks say what is wrong
+    if tensors[0] is None or not torch.is_autocast_enabled(tensors[0].device.type):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
@@ -130,6 +130,17 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     """
     input, weight, bias = _autocast(input, weight, bias)
     _conv.check_tensors("conv2d", input, weight, bias)
+    unbatched, stride, pad, dilation, out_hw = _geometry(_conv2d_geometry, input, weight, bias, stride, padding,
+                                                         dilation, groups)
+    x = input.unsqueeze(0) if unbatched else input
+    out = _conv_op(Conv2dFunction, x, weight, bias, list(stride), list(pad), list(dilation), groups,
+                   list(out_hw), _conv.conv_channels_last(x, weight))
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv2d_geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups):
+    """conv2d's argument checks (after check_tensors) and geometry: (unbatched, stride,
+    top/left padding, dilation, output (H, W)), from shapes and arguments only."""
     unbatched = _conv.check_dims("conv2d", input, weight)
     stride, dilation = _conv.pairs(stride, dilation, "conv2d")
     pad, pad_total = _conv.conv_padding(padding, weight, stride, dilation)
@@ -142,9 +153,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
                            f"channels instead")
     _conv.check_bias(weight, bias, weight.shape[0])
     out_hw = _conv.conv_output_size(x, weight, stride, pad_total, dilation)
-    out = _conv_op(Conv2dFunction, x, weight, bias, list(stride), list(pad), list(dilation), groups,
-                   list(out_hw), _conv.conv_channels_last(x, weight))
-    return out.squeeze(0) if unbatched else out
+    return unbatched, stride, pad, dilation, out_hw
 
 
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0,
@@ -156,6 +165,17 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """
     input, weight, bias = _autocast(input, weight, bias)
     _conv.check_tensors("conv_transpose2d", input, weight, bias)
+    unbatched, stride, pad, dilation, out_hw = _geometry(_conv_transpose2d_geometry, input, weight, bias, stride,
+                                                         padding, dilation, groups, output_padding)
+    x = input.unsqueeze(0) if unbatched else input
+    out = _conv_op(ConvTranspose2dFunction, x, weight, bias, list(stride), list(pad), list(dilation),
+                   groups, list(out_hw), _conv.conv_channels_last(x, weight))
+    return out.squeeze(0) if unbatched else out
+
+
+def _conv_transpose2d_geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilation, groups,
+                               output_padding):
+    """conv_transpose2d's checks and geometry, as _conv2d_geometry."""
     unbatched = _conv.check_dims("conv_transpose2d", input, weight)
     stride, dilation = _conv.pairs(stride, dilation, "conv_transpose2d")
     if isinstance(padding, str):
@@ -170,9 +190,38 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
                            f"to have {weight.shape[0]} channels, but got {x.shape[1]} channels instead")
     _conv.check_bias(weight, bias, weight.shape[1] * groups)
     out_hw = _conv.transpose_output_size(x, weight, stride, pad, output_padding, dilation)
-    out = _conv_op(ConvTranspose2dFunction, x, weight, bias, list(stride), list(pad), list(dilation),
-                   groups, list(out_hw), _conv.conv_channels_last(x, weight))
-    return out.squeeze(0) if unbatched else out
+    return unbatched, stride, pad, dilation, out_hw
+
+
+_GEOMETRIES: dict = {}
+_GEOMETRIES_MAX = 4096
+
+
+def _plain(value) -> bool:
+    """An int, a str or a pair of ints, by exact type (a bool is no int here: pair() rejects it)."""
+    t = type(value)
+    return t is int or t is str or (t is tuple and len(value) == 2 and type(value[0]) is int
+                                    and type(value[1]) is int)
+
+
+def _geometry(compute, input: Tensor, weight: Tensor, bias, *args):
+    """``compute(input, weight, bias, *args)`` (checks and geometry from shapes and plain
+    arguments), remembered per (shapes, arguments) in plain eager mode: a model calls each
+    layer with the same ones, and the checks cost as much as a small layer's kernel.
+    Arguments of other types, tracing and modes (symbolic shapes) always compute."""
+    for a in args:
+        if not _plain(a):
+            return compute(input, weight, bias, *args)
+    if not plain_eager((input, weight, bias)):
+        return compute(input, weight, bias, *args)
+    key = (compute, input.shape, weight.shape, None if bias is None else bias.shape, *args)
+    geometry = _GEOMETRIES.get(key)
+    if geometry is None:
+        geometry = compute(input, weight, bias, *args)  # raises (nothing remembered) on bad arguments
+        if len(_GEOMETRIES) >= _GEOMETRIES_MAX:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = geometry
+    return geometry
 
 
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, training: bool, eps: float,

@@ -358,6 +358,43 @@ def test_bad_arguments_raise_like_torch(backend_device, case):
     assert type(got.value) is type(expected.value), (got.value, expected.value)
 
 
+def test_remembered_geometry_still_checks_every_call():
+    """functional.conv2d / conv_transpose2d remember a call's checked geometry per (shapes,
+    arguments): calls that differ from a remembered one in anything torch checks (a bool
+    for an int, a bias length, channels, padding, groups, dtype, device) still raise as
+    torch does, and list arguments (never remembered) still compute the right output."""
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), torch.randn(6)
+    calls = [  # (transpose, args, kwargs): the first of each op is valid and remembered
+        (False, (x, w, b), dict(stride=1, padding=1)),
+        (False, (x, w, b), dict(stride=True, padding=1)),
+        (False, (x, w, torch.randn(5)), dict(stride=1, padding=1)),
+        (False, (x[:, :3], w, b), dict(stride=1, padding=1)),
+        (False, (x, w, b), dict(stride=1, padding=-1)),
+        (False, (x, w, b), dict(stride=1, padding=1, groups=3)),
+        (False, (x, w, b), dict(stride=1, padding=1, groups=True)),
+        (False, (x, w.double(), b), dict(stride=1, padding=1)),
+        (False, (x, w, b.double()), dict(stride=1, padding=1)),
+        (False, (x, w, b), dict(stride=(1, 1), padding=(1, 1), dilation=(1, 0))),
+        (True, (x, w.transpose(0, 1)[:4].contiguous(), None), dict(stride=2, output_padding=1)),
+        (True, (x, w.transpose(0, 1)[:4].contiguous(), None), dict(stride=2, output_padding=2)),
+        (True, (x, w.transpose(0, 1)[:4].contiguous(), None), dict(stride=2, padding="same")),
+    ]
+    for transpose, args, kwargs in calls:
+        ours = pyops.functional.conv_transpose2d if transpose else pyops.functional.conv2d
+        theirs = F.conv_transpose2d if transpose else F.conv2d
+        try:
+            expected = theirs(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever torch raises, pyops must raise too
+            with pytest.raises(type(error)):
+                ours(*args, **kwargs)
+        else:
+            assert_close(ours(*args, **kwargs), expected)
+    for transpose, theirs, ours in ((False, F.conv2d, pyops.functional.conv2d),
+                                    (True, F.conv_transpose2d, pyops.functional.conv_transpose2d)):
+        weight = w.transpose(0, 1)[:4].contiguous() if transpose else w
+        assert_close(ours(x, weight, stride=[2, 1], padding=[1, 0]), theirs(x, weight, stride=[2, 1], padding=[1, 0]))
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_non_float_dtypes_raise_clearly(backend_device, dtype):
     """torch computes integer and complex convolutions on the CPU; pyops has no such kernels and says so."""
