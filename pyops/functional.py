@@ -247,8 +247,13 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
         raise RuntimeError("running_mean must be defined in evaluation mode")
     elif running_var is None:
         raise RuntimeError("running_var must be defined in evaluation mode")
-    C = input.shape[1]
-    low = input.dtype in (torch.float16, torch.bfloat16)
+    C, dtype = input.shape[1], input.dtype
+    for t in (running_mean, running_var, weight, bias):  # the usual case, checked quickly
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.numel() == C):
+            break
+    else:
+        return
+    low = dtype in (torch.float16, torch.bfloat16)
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
         if t is None:
