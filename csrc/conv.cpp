@@ -169,7 +169,7 @@ void im2col_tiny(const T* __restrict plane, T* __restrict col, const Geom& g, in
 // gets its taps' terms in tap order, as the row loops add them.
 constexpr int64_t kRegisterPlane = 64;
 
-inline bool register_plane(const Geom& g, int64_t cols) { return g.H * g.W <= kRegisterPlane && cols <= 64; }
+inline bool register_plane(const Geom& g, int64_t cols) { return g.H * g.W <= kRegisterPlane && cols <= kRegisterPlane; }
 
 struct RegisterPermutes {
   int64_t regs = 0, chunks = 0;           // registers of the source, 16-lane chunks of the destination
