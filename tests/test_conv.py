@@ -361,8 +361,9 @@ def test_bad_arguments_raise_like_torch(backend_device, case):
 def test_remembered_geometry_still_checks_every_call():
     """functional.conv2d / conv_transpose2d remember a call's checked geometry per (shapes,
     arguments): calls that differ from a remembered one in anything torch checks (a bool
-    for an int, a bias length, channels, padding, groups, dtype, device) still raise as
-    torch does, and list arguments (never remembered) still compute the right output."""
+    for an int, a bias length, channels, padding, groups, dtype, dilation, output_padding)
+    still raise as torch does, and list arguments (never remembered) still compute the right
+    output."""
     x, w, b = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), torch.randn(6)
     calls = [  # (transpose, args, kwargs): the first of each op is valid and remembered
         (False, (x, w, b), dict(stride=1, padding=1)),
