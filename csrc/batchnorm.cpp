@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "autograd.h"
@@ -204,6 +205,107 @@ void for_each_task(const View& v, const Split& s, const F& f) {
     at::parallel_for(0, s.splits, 1, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) f(int64_t{-1}, k, k * s.per, std::min(rows, (k + 1) * s.per));
     });
+  }
+}
+
+// Channel-minor (NLC) blocks: kBlockVecs vectors of consecutive channels whose per-channel
+// values (means, coefficients, accumulators) stay in registers while the rows stream
+// past, instead of being loaded and stored per row from C-long arrays (a 64-channel
+// layer spent its time on those; 2048 channels' coefficient arrays did not fit in L1).
+// Only for float and double (scalar_t == opmath_t); the last block may be partial (masked).
+constexpr int kBlockVecs = 4;
+// Rows per reload of a block's coefficients: a tile of about kAffineTile elements per
+// tensor, so that the blocks' passes over it stay in L1 (32 rows of 256 channels did not).
+constexpr int64_t kAffineTile = 2048;
+
+template <typename T>
+using VecT = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr int64_t block_width() {
+  return kBlockVecs * VecT<T>::size();
+}
+
+// Vector j of a block of w channels at p: FULL blocks load whole vectors; a partial one
+// loads its first w lanes (zeros after them).
+template <typename T, bool FULL>
+inline VecT<T> load_block(const T* p, int64_t w, int j) {
+  constexpr int64_t S = VecT<T>::size();
+  if constexpr (FULL) {
+    return VecT<T>::loadu(p + j * S);
+  } else {
+    const int64_t n = w - j * S;
+    if (n >= S) return VecT<T>::loadu(p + j * S);
+    return n > 0 ? VecT<T>::loadu(p + j * S, n) : VecT<T>(T(0));
+  }
+}
+
+template <typename T, bool FULL>
+inline void store_block(const VecT<T>& v, T* p, int64_t w, int j) {
+  constexpr int64_t S = VecT<T>::size();
+  if constexpr (FULL) {
+    v.store(p + j * S);
+  } else {
+    const int64_t n = w - j * S;
+    if (n >= S) {
+      v.store(p + j * S);
+    } else if (n > 0) {
+      v.store(p + j * S, n);
+    }
+  }
+}
+
+// f(full, c0, w) for each block of channels [c0, c0 + w) of C; `full` is std::true_type
+// for whole blocks, std::false_type for the partial last one (C++17: no template lambdas).
+template <typename T, typename F>
+inline void for_each_block(int64_t C, const F& f) {
+  constexpr int64_t W = block_width<T>();
+  int64_t c0 = 0;
+  for (; c0 + W <= C; c0 += W) f(std::true_type{}, c0, W);
+  if (c0 < C) f(std::false_type{}, c0, C - c0);
+}
+
+// Over `rows` rows of C channels from x (row stride C), block [c0, c0 + w):
+// out[c] = sum (x - pivot[c]) (SQUARE: sum (x - pivot[c])^2), for c in the block.
+template <typename T, bool FULL, bool SQUARE>
+inline void block_dev_sum(const T* x, int64_t C, int64_t rows, int64_t c0, int64_t w, const T* pivot, T* out) {
+  VecT<T> acc[kBlockVecs], piv[kBlockVecs];
+  for (int j = 0; j < kBlockVecs; ++j) {
+    acc[j] = VecT<T>(T(0));
+    piv[j] = load_block<T, FULL>(pivot + c0, w, j);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = x + i * C + c0;
+    for (int j = 0; j < kBlockVecs; ++j) {
+      const VecT<T> d = load_block<T, FULL>(row, w, j) - piv[j];
+      acc[j] = SQUARE ? at::vec::fmadd(d, d, acc[j]) : acc[j] + d;
+    }
+  }
+  for (int j = 0; j < kBlockVecs; ++j) store_block<T, FULL>(acc[j], out + c0, w, j);
+}
+
+// Over `rows` rows, block [c0, c0 + w): sdy[c] = sum dy, sdyx[c] = sum dy (x - mean[c]).
+template <typename T, bool FULL>
+inline void block_grad_sums(const T* dy, const T* x, int64_t C, int64_t rows, int64_t c0, int64_t w,
+                            const T* mean, T* sdy, T* sdyx) {
+  VecT<T> a[kBlockVecs], b[kBlockVecs], m[kBlockVecs];
+  for (int j = 0; j < kBlockVecs; ++j) {
+    a[j] = VecT<T>(T(0));
+    b[j] = VecT<T>(T(0));
+    m[j] = load_block<T, FULL>(mean + c0, w, j);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* g = dy + i * C + c0;
+    const T* xx = x + i * C + c0;
+    for (int j = 0; j < kBlockVecs; ++j) {
+      const VecT<T> gv = load_block<T, FULL>(g, w, j);
+      a[j] = a[j] + gv;
+      b[j] = at::vec::fmadd(gv, load_block<T, FULL>(xx, w, j) - m[j], b[j]);
+    }
+  }
+  for (int j = 0; j < kBlockVecs; ++j) {
+    store_block<T, FULL>(a[j], sdy + c0, w, j);
+    store_block<T, FULL>(b[j], sdyx + c0, w, j);
   }
 }
 
@@ -422,22 +524,34 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
     for (int64_t r = b; r < e; r += tile_rows) {
       const int64_t rows = std::min(tile_rows, e - r);
       const scalar_t* tile = px + r * C;
-      std::fill(acc.begin(), acc.end(), opmath_t(0));
       opmath_t* __restrict a = acc.data();
       const opmath_t* __restrict pv = piv.data();
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t ch = 0; ch < C; ++ch) a[ch] += static_cast<opmath_t>(tile[i * C + ch]) - pv[ch];
+      const opmath_t* __restrict t = tm.data();
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
+          block_dev_sum<opmath_t, decltype(full)::value, false>(tile, C, rows, c0, w, pv, a);
+        });
+      } else {
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t ch = 0; ch < C; ++ch) a[ch] += static_cast<opmath_t>(tile[i * C + ch]) - pv[ch];
+      }
       for (int64_t ch = 0; ch < C; ++ch) {
         tm_d[ch] = static_cast<double>(pv[ch]) + static_cast<double>(a[ch]) / rows;
         tm[ch] = static_cast<opmath_t>(tm_d[ch]);
       }
-      std::fill(acc.begin(), acc.end(), opmath_t(0));
-      const opmath_t* __restrict t = tm.data();
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
-          a[ch] += d * d;
-        }
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
+          block_dev_sum<opmath_t, decltype(full)::value, true>(tile, C, rows, c0, w, t, a);
+        });
+      } else {
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
+            a[ch] += d * d;
+          }
+      }
       const double tile_n = static_cast<double>(rows);
       merge_channels(mn.data(), mmean.data(), mm2.data(), [tile_n](int64_t) { return tile_n; }, tm_d.data(), a, C);
     }
@@ -475,18 +589,24 @@ void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, co
     const int64_t tile_rows = std::max<int64_t>(kMinTileRows, kTile / std::max<int64_t>(C, 1));
     for (int64_t r = b; r < e; r += tile_rows) {
       const int64_t rows = std::min(tile_rows, e - r);
-      std::fill(a.begin(), a.end(), opmath_t(0));
-      std::fill(bb.begin(), bb.end(), opmath_t(0));
       opmath_t* __restrict pa = a.data();
       opmath_t* __restrict pb = bb.data();
       const opmath_t* __restrict pm = mm.data();
-      for (int64_t i = 0; i < rows; ++i) {
-        const scalar_t* g = pdy + (r + i) * C;
-        const scalar_t* xx = px + (r + i) * C;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          const opmath_t gv = static_cast<opmath_t>(g[ch]);
-          pa[ch] += gv;
-          pb[ch] += gv * (static_cast<opmath_t>(xx[ch]) - pm[ch]);
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
+          block_grad_sums<opmath_t, decltype(full)::value>(pdy + r * C, px + r * C, C, rows, c0, w, pm, pa, pb);
+        });
+      } else {
+        std::fill(a.begin(), a.end(), opmath_t(0));
+        std::fill(bb.begin(), bb.end(), opmath_t(0));
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* g = pdy + (r + i) * C;
+          const scalar_t* xx = px + (r + i) * C;
+          for (int64_t ch = 0; ch < C; ++ch) {
+            const opmath_t gv = static_cast<opmath_t>(g[ch]);
+            pa[ch] += gv;
+            pb[ch] += gv * (static_cast<opmath_t>(xx[ch]) - pm[ch]);
+          }
         }
       }
       for (int64_t ch = 0; ch < C; ++ch) {
@@ -499,6 +619,32 @@ void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, co
       out[(k * 2 + 1) * C + ch] = tot_dyx[ch];
     }
   });
+}
+
+// Rows of a channel-minor block [c0, c0 + w): out = p (u - mu) + q (v - mv) + r (the
+// q term only with HAS_V), coefficients held in registers.
+template <typename T, bool FULL, bool HAS_V>
+inline void block_affine(const T* u, const T* v, T* out, int64_t C, int64_t rows, int64_t c0, int64_t w,
+                         const T* p, const T* mu, const T* q, const T* mv, const T* r) {
+  VecT<T> vp[kBlockVecs], vmu[kBlockVecs], vq[kBlockVecs], vmv[kBlockVecs], vr[kBlockVecs];
+  for (int j = 0; j < kBlockVecs; ++j) {
+    vp[j] = load_block<T, FULL>(p + c0, w, j);
+    vmu[j] = load_block<T, FULL>(mu + c0, w, j);
+    vr[j] = load_block<T, FULL>(r + c0, w, j);
+    if constexpr (HAS_V) {
+      vq[j] = load_block<T, FULL>(q + c0, w, j);
+      vmv[j] = load_block<T, FULL>(mv + c0, w, j);
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* uu = u + i * C + c0;
+    T* oo = out + i * C + c0;
+    for (int j = 0; j < kBlockVecs; ++j) {
+      VecT<T> y = at::vec::fmadd(vp[j], load_block<T, FULL>(uu, w, j) - vmu[j], vr[j]);
+      if constexpr (HAS_V) y = at::vec::fmadd(vq[j], load_block<T, FULL>(v + i * C + c0, w, j) - vmv[j], y);
+      store_block<T, FULL>(y, oo, w, j);
+    }
+  }
 }
 
 // Per-channel coefficients of out = p * (u - mu) + q * (v - mv) + r.
@@ -545,6 +691,20 @@ void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::T
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(C, 1));
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    at::parallel_for(0, v.N * L, grain, [&](int64_t b, int64_t e) {
+      const int64_t tile_rows = std::clamp<int64_t>(kAffineTile / std::max<int64_t>(C, 1), 4, 32);
+      for (int64_t r0 = b; r0 < e; r0 += tile_rows) {
+        const int64_t rows = std::min(tile_rows, e - r0);
+        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
+          block_affine<opmath_t, decltype(full)::value, HAS_V>(pu + r0 * C, HAS_V ? pv + r0 * C : nullptr,
+                                                               po + r0 * C, C, rows, c0, w, p.data(), mu.data(),
+                                                               q.data(), mv.data(), r.data());
+        });
+      }
+    });
+    return;
+  }
   at::parallel_for(0, v.N * L, grain, [&](int64_t b, int64_t e) {
     const opmath_t* __restrict pp = p.data();
     const opmath_t* __restrict pmu = mu.data();

@@ -125,6 +125,36 @@ def test_cpp_small_planes_match_float64(shape):
         torch.testing.assert_close(a.double(), r, atol=1e-4 * r.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(3, 70, 5, 6), (2, 40, 3, 5), (5, 130, 4, 4)])
+def test_cpp_channels_last_blocks_match_float64(shape, training, dtype):
+    """C++ channels_last float/double kernels hold blocks of 4 vectors of channels in registers
+    (64 float or 32 double channels): 70 and 130 channels are whole blocks plus a partial one,
+    40 a partial block whose last vector is itself partial; 90 and 80 rows span several row
+    tiles. Forward, running stats and all gradients against torch in float64."""
+    torch.manual_seed(0)
+    C = shape[1]
+    x64 = (torch.randn(shape, dtype=torch.float64) * 3 + 50).to(dtype).double()
+    x64 = x64.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w64, b64 = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    rm, rv = torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64) + 0.5
+    with pyops.backend("cpp"):
+        ours = _run(pyops.functional.batch_norm, x64.to(dtype), w64.to(dtype, copy=True).requires_grad_(),
+                    b64.to(dtype, copy=True).requires_grad_(), rm.to(dtype, copy=True), rv.to(dtype, copy=True), training,
+                    0.5, g.to(dtype))
+    ref = _run(F.batch_norm, x64, w64.clone().requires_grad_(), b64.clone().requires_grad_(), rm.clone(),
+               rv.clone(), training, 0.5, g)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(ours[0].double(), ref[0], atol=tol, rtol=tol)
+    for a, r in zip(ours[1:3], ref[1:3]):
+        torch.testing.assert_close(a.double(), r, atol=tol, rtol=tol)
+    for a, r in zip(ours[3], ref[3]):
+        torch.testing.assert_close(a.double(), r, atol=10 * tol * r.abs().max().item(), rtol=10 * tol)
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape,channels_last", [((2, 3, 5, 7), False), ((2, 3, 5, 7), True), ((2, 5, 9, 9), False)])
 def test_int64_index_path_matches(monkeypatch, shape, channels_last, training):
