@@ -177,6 +177,90 @@ void run_block(const float* P, const float* packed, float* y, const TapConv& c, 
   }
 }
 
+// The channel-lane variant: vectors over output channels instead of positions. A block
+// holds MP output pixels (any MP: taken from the valid pixels in order, so a row's
+// columns past OW and a last partial NR-block are never computed) by KV vectors of
+// output channels; for each input channel and tap it loads KV weight vectors and
+// broadcasts MP inputs. Chosen per layer where it wastes fewer lanes: the positions
+// kernel computes OH * Wq rounded up to NR positions for OH * OW outputs (14x14 planes:
+// 240 for 196), this one Kout rounded up to KL channels (ResNet's widths: none).
+constexpr int64_t KV = kLanes == 16 ? 4 : 2;
+constexpr int64_t KL = KV * kLanes;
+constexpr int64_t MP = kLanes == 16 ? 6 : 4;  // 24 accumulators, KV weights and a broadcast of 32 zmm
+constexpr int64_t kLaneChain = 192;  // products per register chain (96 or 48: more tile traffic, slower)
+constexpr int64_t kLaneSuper = 8;  // pixel blocks per task: their (MP, KL) tiles and a chain's weights stay in L1
+
+// tile (MP, KL) (+)= sum over j < n of the inputs at xs[i] + offs[j] times w (n, KL): j
+// runs over (channel, tap) pairs, offs[j] = channel * plane + the tap's offset (one flat
+// loop: nested channel and tap loops made GCC spill the accumulators once per channel).
+void lane_kernel(const float* const* xs, const int64_t* __restrict offs, int64_t n, const float* __restrict w,
+                 float* __restrict tile, bool accumulate) {
+  Vec acc[MP][KV];
+  for (int64_t i = 0; i < MP; ++i)
+    for (int64_t v = 0; v < KV; ++v) acc[i][v] = Vec(0.f);
+  const float* x[MP];
+  for (int64_t i = 0; i < MP; ++i) x[i] = xs[i];
+  for (int64_t j = 0; j < n; ++j, w += KL) {
+    const int64_t o = offs[j];
+    Vec wv[KV];
+    for (int64_t v = 0; v < KV; ++v) wv[v] = Vec::loadu(w + v * kLanes);
+#pragma GCC unroll 8
+    for (int64_t i = 0; i < MP; ++i) {
+      const Vec b(x[i][o]);
+      for (int64_t v = 0; v < KV; ++v) acc[i][v] = at::vec::fmadd(b, wv[v], acc[i][v]);
+    }
+  }
+  for (int64_t i = 0; i < MP; ++i) {
+    for (int64_t v = 0; v < KV; ++v) {
+      float* dst = tile + i * KL + v * kLanes;
+      (accumulate ? acc[i][v] + Vec::loadu(dst) : acc[i][v]).store(dst);
+    }
+  }
+}
+
+// Output channels [kb * KL, +KL) of pixel blocks [pb0, pb1) of one image: sums in `tile`
+// (kLaneSuper * MP * KL floats), then written to y. qpad[p]: valid pixel p's position in
+// the padded planes.
+void run_lane_blocks(const float* P, const float* packed, float* y, const TapConv& c, const Layout& l,
+                     const int64_t* qpad, int64_t kb, int64_t pb0, int64_t pb1, float* tile) {
+  const int64_t T = c.R * c.S, pixels = c.OH * c.OW;
+  const float* wk = packed + kb * c.Cin * T * KL;
+  const int64_t chunk = std::max<int64_t>(1, kLaneChain / T);  // channels per register chain
+  std::vector<int64_t> offs(chunk * T);  // (channel, tap) offsets of one chain
+  for (int64_t ch = 0; ch < chunk; ++ch)
+    for (int64_t t = 0; t < T; ++t) offs[ch * T + t] = ch * l.plane + l.offs[t];
+  for (int64_t c0 = 0; c0 < c.Cin; c0 += chunk) {
+    const int64_t nc = std::min(chunk, c.Cin - c0);
+    for (int64_t pb = pb0; pb < pb1; ++pb) {
+      const float* xs[MP];
+      for (int64_t i = 0; i < MP; ++i)  // a last partial block repeats its last pixel
+        xs[i] = P + c0 * l.plane + qpad[std::min(pb * MP + i, pixels - 1)];
+      lane_kernel(xs, offs.data(), nc * T, wk + c0 * T * KL, tile + (pb - pb0) * MP * KL, c0 > 0);
+    }
+  }
+  const int64_t p0 = pb0 * MP, p1 = std::min(pb1 * MP, pixels), kn = std::min(KL, c.Kout - kb * KL);
+  for (int64_t k = 0; k < kn; ++k) {
+    float* yk = y + (kb * KL + k) * c.y_plane;
+    const float* src = tile + k;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t oh = p / c.OW, ow = p - oh * c.OW;
+      yk[oh * c.y_row + ow * c.y_col] = src[(p - p0) * KL];
+    }
+  }
+}
+
+// Share of computed lanes that are outputs, for each kernel.
+double positions_efficiency(const TapConv& c) {
+  const int64_t Wq = c.OW + ((c.S - 1) * c.dw) / c.sw, blocks = (c.OH * Wq + NR - 1) / NR;
+  const int64_t kpad = (c.Kout + MR - 1) / MR * MR;
+  return static_cast<double>(c.OH * c.OW) / (blocks * NR) * c.Kout / kpad;
+}
+
+double lanes_efficiency(const TapConv& c) {
+  const int64_t pixels = c.OH * c.OW, kpad = (c.Kout + KL - 1) / KL * KL;
+  return static_cast<double>(pixels) / ((pixels + MP - 1) / MP * MP) * c.Kout / kpad;
+}
+
 // Weight gradient as a sum of outer products over output pixels: for each valid pixel,
 // dT (pixel, Kpad), dy transposed with its channels zero-padded to whole vectors, times
 // the input each tap j = (channel, tap) reads there. A block of WKV vectors of output
@@ -241,26 +325,36 @@ bool tap_conv_suits(const TapConv& c) {
   return c.OW >= 8 && extra * 4 <= c.OW && c.Kout >= MR && c.OH * c.OW >= 4 * NR;
 }
 
+// The channel-lane kernel runs below the positions kernel's rate per computed lane (one
+// thread, 56x56x64 3x3: 88 against 107 GFLOP/s), so it takes a layer only where it saves
+// more than that: 14x14 planes (0.99 against 0.82 of lanes used), not 28x28 (1.00 / 0.91).
+constexpr double kLaneAdvantage = 1.15;
+
+bool tap_conv_lanes(const TapConv& c) { return lanes_efficiency(c) > kLaneAdvantage * positions_efficiency(c); }
+
 at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int64_t>& taps, int64_t w_taps,
                          bool transposed) {
-  const int64_t T = c.R * c.S, k_blocks = (c.Kout + MR - 1) / MR;
+  // (block, channel, tap, filter of the block): MR filters per block for the positions
+  // kernel, KL for the channel-lane one
+  const int64_t B = tap_conv_lanes(c) ? KL : MR;
+  const int64_t T = c.R * c.S, k_blocks = (c.Kout + B - 1) / B;
   TORCH_CHECK(static_cast<int64_t>(taps.size()) == T, "tap_conv_pack: expected ", T, " taps");
-  at::Tensor packed = at::empty({k_blocks * c.Cin * T * MR}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor packed = at::empty({k_blocks * c.Cin * T * B}, at::TensorOptions().dtype(at::kFloat));
   float* p = packed.data_ptr<float>();
   at::parallel_for(0, k_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<const float*> src(B);
     for (int64_t kb = b0; kb < b1; ++kb) {
-      const int64_t rows = std::min(MR, c.Kout - kb * MR);  // a tail block's missing filters are zeros
-      float* dst = p + kb * c.Cin * T * MR;
+      const int64_t rows = std::min(B, c.Kout - kb * B);  // a tail block's missing filters are zeros
+      float* dst = p + kb * c.Cin * T * B;
       for (int64_t ch = 0; ch < c.Cin; ++ch) {  // writes in order: (channel, tap, filter)
-        const float* src[MR];
         for (int64_t i = 0; i < rows; ++i) {
-          const int64_t k = kb * MR + i;
+          const int64_t k = kb * B + i;
           src[i] = w + (transposed ? ch * c.Kout + k : k * c.Cin + ch) * w_taps;
         }
-        for (int64_t t = 0; t < T; ++t, dst += MR) {
+        for (int64_t t = 0; t < T; ++t, dst += B) {
           const int64_t tap = taps[t];
           for (int64_t i = 0; i < rows; ++i) dst[i] = src[i][tap];
-          for (int64_t i = rows; i < MR; ++i) dst[i] = 0.f;
+          for (int64_t i = rows; i < B; ++i) dst[i] = 0.f;
         }
       }
     }
@@ -268,9 +362,60 @@ at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int
   return packed;
 }
 
+namespace {
+
+// The channel-lane kernel over every image: tasks (channel block, run of kLaneSuper pixel
+// blocks); images over threads when there are enough of them, else each image's tasks.
+void run_lanes(const float* x, const float* pw, float* y, const TapConv& c, const Layout& l) {
+  const int64_t pixels = c.OH * c.OW, pblocks = (pixels + MP - 1) / MP;
+  const int64_t supers = (pblocks + kLaneSuper - 1) / kLaneSuper, k_blocks = (c.Kout + KL - 1) / KL;
+  const int64_t tasks = k_blocks * supers;
+  std::vector<int64_t> qpad(pixels);
+  for (int64_t p = 0; p < pixels; ++p) qpad[p] = p / c.OW * l.Wq + p % c.OW;
+  const auto task = [&](const float* P, float* yn, int64_t t, float* tile) {
+    const int64_t kb = t / supers, sb = t % supers;
+    run_lane_blocks(P, pw, yn, c, l, qpad.data(), kb, sb * kLaneSuper, std::min(pblocks, (sb + 1) * kLaneSuper), tile);
+  };
+  const int64_t threads = at::get_num_threads();
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const int64_t tile_floats = kLaneSuper * MP * KL;
+  if (c.N >= threads && threads > 1) {
+    at::Tensor scratch = at::zeros({threads, l.scratch + tile_floats}, opts);
+    const at::ThreadLocalState state;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      const at::ThreadLocalStateGuard guard(state);
+      for (int64_t th = t0; th < t1; ++th) {
+        float* P = scratch.data_ptr<float>() + th * (l.scratch + tile_floats);
+        float* tile = P + l.scratch;
+        for (int64_t n = th; n < c.N; n += threads) {
+          fill_padded(x + n * c.x_image, P, c, l);
+          for (int64_t t = 0; t < tasks; ++t) task(P, y + n * c.y_image, t, tile);
+        }
+      }
+    });
+    return;
+  }
+  at::Tensor scratch = at::zeros({l.scratch}, opts);
+  float* P = scratch.data_ptr<float>();
+  for (int64_t n = 0; n < c.N; ++n) {
+    fill_padded(x + n * c.x_image, P, c, l);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      thread_local std::vector<float> tile;
+      tile.resize(tile_floats);
+      for (int64_t t = t0; t < t1; ++t) task(P, y + n * c.y_image, t, tile.data());
+    });
+  }
+}
+
+}  // namespace
+
 void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapConv& c) {
   const Layout l = layout_of(c);
   const float* pw = packed.data_ptr<float>();
+  if (tap_conv_lanes(c)) {
+    run_lanes(x, pw, y, c, l);
+    return;
+  }
   const int64_t threads = at::get_num_threads();
   if (c.N >= threads && threads > 1) {
     // images over threads, each with its own padded copy

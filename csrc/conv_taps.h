@@ -31,6 +31,10 @@ struct TapConv {
 // Whether this build has the kernel (AVX-512 or AVX2) and whether it pays for this shape.
 bool tap_conv_suits(const TapConv& c);
 
+// Whether the channel-lane kernel (vectors over output channels) wastes fewer lanes on
+// this shape than the positions kernel (vectors over output positions); pack and run follow it.
+bool tap_conv_lanes(const TapConv& c);
+
 // The weights in the kernel's order: tap (r, s) takes tap taps[r * S + s] of w's w_taps
 // per filter, w being (Kout, Cin, w_taps) contiguous, or (transposed: the input
 // gradient's filter) (Cin, Kout, w_taps).

@@ -109,6 +109,11 @@ TAP_CASES = [
     ((2, 8, 16, 16), (8, 8, 3, 3), dict(padding=3)),                  # input gradient padding -1
     ((2, 8, 16, 17), (10, 8, 4, 4), dict(padding="same")),            # asymmetric padding
     ((2, 8, 30, 30), (16, 8, 1, 1), dict(stride=2)),                  # strided 1x1: one phase read
+    # 14x14 planes: the channel-lane kernel (vectors over output channels), 124 of them: a
+    # partial last block and vector; forward over images, then an input gradient of 124
+    # channels for one image (its blocks over threads); 30 channels: two register chains
+    ((2, 30, 14, 14), (124, 30, 3, 3), dict(padding=1)),
+    ((1, 124, 14, 14), (30, 124, 3, 3), dict(padding=1)),
 ]
 
 # conv_transpose2d whose forward is a strided input gradient the tap kernel runs phase by
@@ -117,6 +122,7 @@ TAP_TRANSPOSE_CASES = [
     ((2, 16, 14, 16), (16, 8, 4, 4), dict(stride=2, padding=1)),      # the decoder layer's shape class
     ((2, 16, 14, 16), (16, 8, 3, 3), dict(stride=2, padding=1, output_padding=1)),
     ((1, 16, 15, 17), (16, 8, 3, 3), dict(stride=(2, 3), padding=(1, 2), dilation=(2, 2), groups=2)),
+    ((2, 16, 14, 14), (16, 124, 3, 3), dict(stride=2, padding=1, output_padding=1)),  # 14x14 phases: lanes
 ]
 
 
