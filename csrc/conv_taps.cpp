@@ -341,20 +341,27 @@ at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int
   TORCH_CHECK(static_cast<int64_t>(taps.size()) == T, "tap_conv_pack: expected ", T, " taps");
   at::Tensor packed = at::empty({k_blocks * c.Cin * T * B}, at::TensorOptions().dtype(at::kFloat));
   float* p = packed.data_ptr<float>();
+  // Filter by filter, over a few channels at a time: each filter's taps are read as a run
+  // (w's rows), and the writes, B floats apart, stay in a block of kPackChannels * T * B
+  // floats in L1. Walking the packed order instead (each channel's B filters, Cin * w_taps
+  // floats apart) stalled on every load: 11% of a 14x14 layer's forward.
+  constexpr int64_t kPackChannels = 8;
+  const int64_t ch_stride = transposed ? c.Kout * w_taps : w_taps;  // a filter's next channel
+  const int64_t k_stride = transposed ? w_taps : c.Cin * w_taps;    // a channel's next filter
   at::parallel_for(0, k_blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<const float*> src(B);
     for (int64_t kb = b0; kb < b1; ++kb) {
       const int64_t rows = std::min(B, c.Kout - kb * B);  // a tail block's missing filters are zeros
-      float* dst = p + kb * c.Cin * T * B;
-      for (int64_t ch = 0; ch < c.Cin; ++ch) {  // writes in order: (channel, tap, filter)
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t k = kb * B + i;
-          src[i] = w + (transposed ? ch * c.Kout + k : k * c.Cin + ch) * w_taps;
-        }
-        for (int64_t t = 0; t < T; ++t, dst += B) {
-          const int64_t tap = taps[t];
-          for (int64_t i = 0; i < rows; ++i) dst[i] = src[i][tap];
-          for (int64_t i = rows; i < B; ++i) dst[i] = 0.f;
+      for (int64_t c0 = 0; c0 < c.Cin; c0 += kPackChannels) {
+        const int64_t nc = std::min(kPackChannels, c.Cin - c0);
+        float* dst = p + (kb * c.Cin + c0) * T * B;
+        for (int64_t i = 0; i < B; ++i) {
+          if (i >= rows) {
+            for (int64_t j = 0; j < nc * T; ++j) dst[j * B + i] = 0.f;
+            continue;
+          }
+          const float* src = w + (kb * B + i) * k_stride + c0 * ch_stride;
+          for (int64_t ch = 0; ch < nc; ++ch)
+            for (int64_t t = 0; t < T; ++t) dst[(ch * T + t) * B + i] = src[ch * ch_stride + taps[t]];
         }
       }
     }
