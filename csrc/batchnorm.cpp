@@ -492,6 +492,46 @@ void grad_sums_small(const at::Tensor& dy, const at::Tensor& x, const View& v, c
   });
 }
 
+// Small planes of few images per task (NCL, L < kSmallPlane, at most kRowImages images):
+// each channel's rows summed in vector registers (a masked last vector), one horizontal sum
+// per channel. SmallPlanes' per-element accumulators cost two stores per element and
+// image, and its reference values a spread per task: for two images, more than the sums.
+// float and double only (scalar_t == opmath_t).
+constexpr int64_t kRowImages = 4;
+
+template <typename T>
+void grad_sums_rows(const at::Tensor& dy, const at::Tensor& x, const View& v, const Split& s,
+                    const std::vector<double>& mean, at::Tensor& partials) {
+  using V = VecT<T>;
+  constexpr int64_t S = V::size();
+  const T* pdy = dy.const_data_ptr<T>();
+  const T* px = x.const_data_ptr<T>();
+  double* out = partials.mutable_data_ptr<double>();  // (splits, 2, C)
+  const int64_t C = v.C, L = v.L;
+  for_each_task(v, s, [&](int64_t c, int64_t k, int64_t b, int64_t e) {
+    V a(T(0)), bb(T(0));
+    const V m(static_cast<T>(mean[c]));
+    for (int64_t n = b; n < e; ++n) {
+      const T* g = pdy + (n * C + c) * L;
+      const T* xx = px + (n * C + c) * L;
+      int64_t i = 0;
+      for (; i + S <= L; i += S) {
+        const V gv = V::loadu(g + i);
+        a = a + gv;
+        bb = at::vec::fmadd(gv, V::loadu(xx + i) - m, bb);
+      }
+      if (i < L) {  // lanes past L load as zeros: gv = 0 adds nothing
+        const V gv = V::loadu(g + i, L - i);
+        a = a + gv;
+        bb = at::vec::fmadd(gv, V::loadu(xx + i, L - i) - m, bb);
+      }
+    }
+    const auto add = [](V& p, V& q) { return p + q; };
+    out[(k * 2 + 0) * C + c] = static_cast<double>(at::vec::vec_reduce_all<T>(add, a));
+    out[(k * 2 + 1) * C + c] = static_cast<double>(at::vec::vec_reduce_all<T>(add, bb));
+  });
+}
+
 template <typename scalar_t>
 void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::Tensor& partials) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -830,14 +870,18 @@ at::Tensor batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
                                       const at::Tensor& var, double eps, bool channels_last) {
   const View v = view_of(x, channels_last, "input");
   check_same(x, "input", dy, "grad_output");
-  at::Tensor out = at::zeros({4, v.C}, x.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({4, v.C}, x.options().dtype(at::kDouble));
   const auto m = channel_values(mean, v.C, 0.0, "mean");
   const auto s2 = channel_values(var, v.C, 1.0, "var");
+  std::fill_n(out.mutable_data_ptr<double>(), 2 * v.C, 0.0);  // the sums (rows 2, 3 are written below)
   if (x.numel() > 0) {
     const Split s = split_of(v);
     at::Tensor partials = at::empty({s.splits, 2, v.C}, out.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_grad_sums", [&] {
-      if (!v.nlc && v.L < kSmallPlane) {
+      if (!v.nlc && v.L < kSmallPlane && s.per <= kRowImages &&
+          std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+        grad_sums_rows<scalar_t>(dy, x, v, s, m, partials);
+      } else if (!v.nlc && v.L < kSmallPlane) {
         grad_sums_small<scalar_t>(dy, x, v, s, m, partials);
       } else {
         grad_sums_impl<scalar_t>(dy, x, v, s, m, partials);
@@ -849,9 +893,15 @@ at::Tensor batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
       for (int64_t c = 0; c < 2 * v.C; ++c) o[c] += pp[k * 2 * v.C + c];
   }
   double* o = out.mutable_data_ptr<double>();
+  const double* __restrict sum_dy = o;
+  const double* __restrict sum_dyx = o + v.C;
+  const double* __restrict pv = s2.data();
+  double* __restrict gw = o + 2 * v.C;
+  double* __restrict gb = o + 3 * v.C;
+#pragma omp simd
   for (int64_t c = 0; c < v.C; ++c) {
-    o[2 * v.C + c] = o[v.C + c] / std::sqrt(s2[c] + eps);
-    o[3 * v.C + c] = o[c];
+    gw[c] = sum_dyx[c] / std::sqrt(pv[c] + eps);
+    gb[c] = sum_dy[c];
   }
   return out;
 }
