@@ -699,12 +699,20 @@ void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::T
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t C = v.C, L = v.L;
   std::vector<opmath_t> p(C), mu(C), q(C), mv(C), r(C);
-  for (int64_t c = 0; c < C; ++c) {
-    p[c] = static_cast<opmath_t>(a.p[c]);
-    mu[c] = static_cast<opmath_t>(a.mu[c]);
-    q[c] = static_cast<opmath_t>(a.q[c]);
-    mv[c] = static_cast<opmath_t>(a.mv[c]);
-    r[c] = static_cast<opmath_t>(a.r[c]);
+  // one array at a time: the five in one loop did not vectorise (a scalar conversion per
+  // value; with 2048 channels and 49 pixels, a tenth of a channels_last apply)
+  const auto convert = [C](const std::vector<double>& from, std::vector<opmath_t>& to) {
+    const double* __restrict f = from.data();
+    opmath_t* __restrict t = to.data();
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) t[c] = static_cast<opmath_t>(f[c]);
+  };
+  convert(a.p, p);
+  convert(a.mu, mu);
+  convert(a.r, r);
+  if constexpr (HAS_V) {
+    convert(a.q, q);
+    convert(a.mv, mv);
   }
   const scalar_t* pu = u.const_data_ptr<scalar_t>();
   const scalar_t* pv = HAS_V ? v_t->const_data_ptr<scalar_t>() : nullptr;
@@ -855,11 +863,15 @@ void batch_norm_apply(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const auto w = channel_values(weight, v.C, 1.0, "weight");
   const auto b = channel_values(bias, v.C, 0.0, "bias");
   Affine a(v.C);
-  for (int64_t c = 0; c < v.C; ++c) {
-    a.p[c] = w[c] / std::sqrt(s2[c] + eps);
-    a.mu[c] = m[c];
-    a.r[c] = b[c];
+  {
+    const double* __restrict pw = w.data();
+    const double* __restrict pv = s2.data();
+    double* __restrict p = a.p.data();
+#pragma omp simd
+    for (int64_t c = 0; c < v.C; ++c) p[c] = pw[c] / std::sqrt(pv[c] + eps);  // vectorised: -fno-math-errno
   }
+  a.mu = m;
+  a.r = b;
   channel_affine(x, nullptr, y, v, a);
 }
 
