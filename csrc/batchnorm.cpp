@@ -567,31 +567,28 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
       opmath_t* __restrict a = acc.data();
       const opmath_t* __restrict pv = piv.data();
       const opmath_t* __restrict t = tm.data();
-      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
-          block_dev_sum<opmath_t, decltype(full)::value, false>(tile, C, rows, c0, w, pv, a);
-        });
-      } else {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t ch = 0; ch < C; ++ch) a[ch] += static_cast<opmath_t>(tile[i * C + ch]) - pv[ch];
-      }
+      // a[ch] = sum over the tile of (x - pivot[ch]), or of its square (`square`)
+      const auto dev_sum = [&](auto square, const opmath_t* __restrict pivot) {
+        constexpr bool SQUARE = decltype(square)::value;
+        if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+          for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
+            block_dev_sum<opmath_t, decltype(full)::value, SQUARE>(tile, C, rows, c0, w, pivot, a);
+          });
+        } else {
+          std::fill(acc.begin(), acc.end(), opmath_t(0));
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t ch = 0; ch < C; ++ch) {
+              const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - pivot[ch];
+              a[ch] += SQUARE ? d * d : d;
+            }
+        }
+      };
+      dev_sum(std::false_type{}, pv);
       for (int64_t ch = 0; ch < C; ++ch) {
         tm_d[ch] = static_cast<double>(pv[ch]) + static_cast<double>(a[ch]) / rows;
         tm[ch] = static_cast<opmath_t>(tm_d[ch]);
       }
-      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
-          block_dev_sum<opmath_t, decltype(full)::value, true>(tile, C, rows, c0, w, t, a);
-        });
-      } else {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
-        for (int64_t i = 0; i < rows; ++i)
-          for (int64_t ch = 0; ch < C; ++ch) {
-            const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - t[ch];
-            a[ch] += d * d;
-          }
-      }
+      dev_sum(std::true_type{}, t);
       const double tile_n = static_cast<double>(rows);
       merge_channels(mn.data(), mmean.data(), mm2.data(), [tile_n](int64_t) { return tile_n; }, tm_d.data(), a, C);
     }
