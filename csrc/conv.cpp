@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <array>
@@ -727,90 +728,163 @@ struct TapColumns {
 };
 
 // Unit column stride: each plane is first copied into a zero-padded scratch plane, so
-// every tap reads a full row block with no bounds checks, and a block of kRowLanes
-// outputs accumulates in vector registers over all R*S taps (independent chains).
+// every tap reads a full row block with no bounds checks, and a block of up to kRowBytes
+// of outputs accumulates in vector registers over all R*S taps (independent chains). A
+// block is as many vectors as a row needs (a 14-wide row takes one 16-lane vector, not
+// 64 lanes), so narrow planes do not compute mostly padding.
 constexpr int64_t kRowBytes = 256;
 
 template <typename T>
-constexpr int64_t row_lanes() {
-  return kRowBytes / static_cast<int64_t>(sizeof(T));
+using RowVec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr int64_t max_row_vectors() {
+  return std::max<int64_t>(1, kRowBytes / static_cast<int64_t>(sizeof(T) * RowVec<T>::size()));
 }
 
-// P (rows, width) = src (src_rows, src_cols) shifted by (top, left), zeros elsewhere.
+// Vectors per row block for rows of `cols` outputs: a power of two up to max_row_vectors.
 template <typename T>
-void pad_plane(const T* __restrict src, int64_t src_rows, int64_t src_cols, int64_t top, int64_t left,
-               T* __restrict P, int64_t rows, int64_t width) {
-  const int64_t j0 = std::clamp<int64_t>(left, 0, width), j1 = std::clamp<int64_t>(left + src_cols, j0, width);
-  for (int64_t i = 0; i < rows; ++i) {
-    T* prow = P + i * width;
-    const int64_t si = i - top;
-    if (si < 0 || si >= src_rows) {
-      std::fill(prow, prow + width, T(0));
-      continue;
-    }
-    std::fill(prow, prow + j0, T(0));
-    std::memcpy(prow + j0, src + si * src_cols + (j0 - left), (j1 - j0) * sizeof(T));
-    std::fill(prow + j1, prow + width, T(0));
-  }
-}
-
-// out (OH, OW) (+)= sum over taps of f[r, s] * P[oh * sh + r * dh, ow + s * dw].
-template <typename T>
-void conv_padded_plane(const T* __restrict P, int64_t width, const T* __restrict f, T* __restrict out, int64_t OH,
-                       int64_t OW, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw, bool accumulate) {
-  constexpr int64_t L = row_lanes<T>();
-  for (int64_t oh = 0; oh < OH; ++oh) {
-    const T* base = P + oh * sh * width;
-    T* orow = out + oh * OW;
-    for (int64_t ow0 = 0; ow0 < OW; ow0 += L) {
-      const int64_t n = std::min(L, OW - ow0);
-      T acc[L];
-      for (int64_t j = 0; j < L; ++j) acc[j] = T(0);
-      for (int64_t r = 0; r < R; ++r) {
-        const T* prow = base + r * dh * width + ow0;
-        for (int64_t s = 0; s < S; ++s) {
-          const T fv = f[r * S + s];
-          const T* src = prow + s * dw;
-          for (int64_t j = 0; j < L; ++j) acc[j] += fv * src[j];
-        }
-      }
-      if (accumulate) {
-        for (int64_t j = 0; j < n; ++j) orow[ow0 + j] += acc[j];
-      } else {
-        for (int64_t j = 0; j < n; ++j) orow[ow0 + j] = acc[j];
-      }
-    }
-  }
+int64_t row_vectors(int64_t cols) {
+  const int64_t need = (cols + RowVec<T>::size() - 1) / RowVec<T>::size();
+  int64_t nv = 1;
+  while (nv < need && nv < max_row_vectors<T>()) nv *= 2;
+  return nv;
 }
 
 // Scratch sizes of a padded plane read by conv_padded_plane for an (OH, OW) output.
 inline int64_t padded_rows(int64_t OH, int64_t R, int64_t sh, int64_t dh) { return (OH - 1) * sh + (R - 1) * dh + 1; }
 template <typename T>
 int64_t padded_width(int64_t OW, int64_t S, int64_t dw) {
-  return (OW + row_lanes<T>() - 1) / row_lanes<T>() * row_lanes<T>() + (S - 1) * dw;
+  const int64_t block = row_vectors<T>(OW) * RowVec<T>::size();
+  return (OW + block - 1) / block * block + (S - 1) * dw;
 }
 
-// acc[r, s] += sum over (oh, ow) of D[oh, ow] * P[oh * sh + r * dh, ow + s * dw], D being
-// dy's plane padded to whole row blocks with zeros. One tap at a time, so its block of
-// kRowLanes partial sums stays in registers over the whole plane (D and P stay in cache).
+// A (rows, width) scratch plane holding (src_rows, src_cols) planes shifted by (top, left),
+// zeros elsewhere. The zeros are written once: every plane loaded overwrites the same
+// rows and columns, so each load copies just the source.
 template <typename T>
-void weight_grad_padded_plane(const T* __restrict D, int64_t dwidth, const T* __restrict P, int64_t width,
-                              T* __restrict acc, int64_t OH, int64_t R, int64_t S, int64_t sh, int64_t dh,
-                              int64_t dw) {
-  constexpr int64_t L = row_lanes<T>();
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t s = 0; s < S; ++s) {
-      T part[L];
-      for (int64_t j = 0; j < L; ++j) part[j] = T(0);
-      for (int64_t oh = 0; oh < OH; ++oh) {
-        const T* drow = D + oh * dwidth;
-        const T* src = P + (oh * sh + r * dh) * width + s * dw;
-        for (int64_t ow0 = 0; ow0 < dwidth; ow0 += L)
-          for (int64_t j = 0; j < L; ++j) part[j] += drow[ow0 + j] * src[ow0 + j];
+class PaddedPlane {
+ public:
+  PaddedPlane(int64_t src_rows, int64_t src_cols, int64_t top, int64_t left, int64_t rows, int64_t width)
+      : buf_(rows * width, T(0)), width_(width), src_cols_(src_cols), top_(top), left_(left) {
+    j0_ = std::clamp<int64_t>(left, 0, width);
+    j1_ = std::clamp<int64_t>(left + src_cols, j0_, width);
+    i0_ = std::clamp<int64_t>(top, 0, rows);
+    i1_ = std::clamp<int64_t>(top + src_rows, i0_, rows);
+  }
+  const T* load(const T* __restrict src) {
+    for (int64_t i = i0_; i < i1_; ++i)
+      std::memcpy(buf_.data() + i * width_ + j0_, src + (i - top_) * src_cols_ + (j0_ - left_),
+                  (j1_ - j0_) * sizeof(T));
+    return buf_.data();
+  }
+  int64_t width() const { return width_; }
+
+ private:
+  std::vector<T> buf_;
+  int64_t width_, src_cols_, top_, left_, i0_, i1_, j0_, j1_;
+};
+
+// out (OH, OW) (+)= sum over taps of f[r, s] * P[oh * sh + r * dh, ow + s * dw], in row
+// blocks of NV vectors.
+template <typename T, int64_t NV>
+void conv_padded_rows(const T* __restrict P, int64_t width, const T* __restrict f, T* __restrict out, int64_t OH,
+                      int64_t OW, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw, bool accumulate) {
+  using Vec = RowVec<T>;
+  constexpr int64_t VS = Vec::size(), L = NV * VS;
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    const T* base = P + oh * sh * width;
+    T* orow = out + oh * OW;
+    for (int64_t ow0 = 0; ow0 < OW; ow0 += L) {
+      Vec acc[NV];
+      for (int64_t v = 0; v < NV; ++v) acc[v] = Vec(T(0));
+      for (int64_t r = 0; r < R; ++r) {
+        const T* prow = base + r * dh * width + ow0;
+        for (int64_t s = 0; s < S; ++s) {
+          const Vec fv(f[r * S + s]);
+          const T* src = prow + s * dw;
+          for (int64_t v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(fv, Vec::loadu(src + v * VS), acc[v]);
+        }
       }
-      T sum = 0;
-      for (int64_t j = 0; j < L; ++j) sum += part[j];
-      acc[r * S + s] += sum;
+      for (int64_t v = 0; v < NV; ++v) {
+        const int64_t cnt = std::min<int64_t>(VS, OW - ow0 - v * VS);
+        if (cnt <= 0) break;
+        T* o = orow + ow0 + v * VS;
+        if (cnt == VS) {
+          (accumulate ? acc[v] + Vec::loadu(o) : acc[v]).store(o);
+        } else {
+          (accumulate ? acc[v] + Vec::loadu(o, cnt) : acc[v]).store(o, cnt);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv_padded_plane(const T* P, int64_t width, const T* f, T* out, int64_t OH, int64_t OW, int64_t R, int64_t S,
+                       int64_t sh, int64_t dh, int64_t dw, bool accumulate) {
+  switch (row_vectors<T>(OW)) {
+    case 1: return conv_padded_rows<T, 1>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
+    case 2: return conv_padded_rows<T, 2>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
+    case 4: return conv_padded_rows<T, 4>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
+    default:
+      if constexpr (max_row_vectors<T>() >= 8) {
+        return conv_padded_rows<T, 8>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
+      }
+      TORCH_INTERNAL_ASSERT(false, "conv_padded_plane: unexpected row block");
+  }
+}
+
+// acc[r * S + s] += sum over (oh, ow) of dyp[oh, ow] * P[oh * sh + r * dh, ow + s * dw]: dyp
+// is dy's plane as is (rows of OW, the last vector of a row a masked load, zeros past
+// OW, which makes the padded P's values there irrelevant). With RS_ taps known at
+// compile time, every tap's partial sums stay in registers and each dy vector is loaded
+// once for all taps; RS_ = 0 takes one tap at a time (any filter size).
+template <typename T, int64_t RS_>
+void weight_grad_plane(const T* __restrict dyp, int64_t OW, const T* __restrict P, int64_t width, T* __restrict acc,
+                       int64_t OH, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw) {
+  using Vec = RowVec<T>;
+  constexpr int64_t VS = Vec::size();
+  const int64_t full = OW / VS * VS, tail = OW - full;
+  const auto reduce = [](const Vec& v) {
+    alignas(64) T lanes[VS];
+    v.store(lanes);
+    T sum = 0;
+    for (int64_t j = 0; j < VS; ++j) sum += lanes[j];
+    return sum;
+  };
+  if constexpr (RS_ > 0) {
+    TORCH_INTERNAL_ASSERT(R * S == RS_);
+    int64_t off[RS_];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < S; ++s) off[r * S + s] = r * dh * width + s * dw;
+    Vec part[RS_];
+    for (int64_t t = 0; t < RS_; ++t) part[t] = Vec(T(0));
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const T* drow = dyp + oh * OW;
+      const T* prow = P + oh * sh * width;
+      for (int64_t c0 = 0; c0 < full; c0 += VS) {
+        const Vec d = Vec::loadu(drow + c0);
+        for (int64_t t = 0; t < RS_; ++t) part[t] = at::vec::fmadd(d, Vec::loadu(prow + off[t] + c0), part[t]);
+      }
+      if (tail > 0) {
+        const Vec d = Vec::loadu(drow + full, tail);
+        for (int64_t t = 0; t < RS_; ++t) part[t] = at::vec::fmadd(d, Vec::loadu(prow + off[t] + full), part[t]);
+      }
+    }
+    for (int64_t t = 0; t < RS_; ++t) acc[t] += reduce(part[t]);
+  } else {
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t s = 0; s < S; ++s) {
+        Vec part(T(0));
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          const T* drow = dyp + oh * OW;
+          const T* src = P + (oh * sh + r * dh) * width + s * dw;
+          for (int64_t c0 = 0; c0 < full; c0 += VS) part = at::vec::fmadd(Vec::loadu(drow + c0), Vec::loadu(src + c0), part);
+          if (tail > 0) part = at::vec::fmadd(Vec::loadu(drow + full, tail), Vec::loadu(src + full), part);
+        }
+        acc[r * S + s] += reduce(part);
+      }
     }
   }
 }
@@ -822,13 +896,13 @@ void direct_forward_nchw(const T* x, const T* w, T* y, const Geom& g) {
     const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
     at::parallel_for(0, g.N * g.C, direct_grain(Kg * OHW * RS),
                      [&](int64_t b, int64_t e) {
-      std::vector<T> P(rows * width);
+      PaddedPlane<T> pad(g.H, g.W, g.ph, g.pw, rows, width);
       for (int64_t q = b; q < e; ++q) {
         const int64_t n = q / g.C, c = q % g.C;
-        pad_plane(x + q * g.H * g.W, g.H, g.W, g.ph, g.pw, P.data(), rows, width);
+        const T* P = pad.load(x + q * g.H * g.W);
         for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k)
-          conv_padded_plane(P.data(), width, w + k * RS, y + (n * g.K + k) * OHW, g.OH, g.OW, g.R, g.S, g.sh,
-                            g.dh, g.dw, false);
+          conv_padded_plane(P, width, w + k * RS, y + (n * g.K + k) * OHW, g.OH, g.OW, g.R, g.S, g.sh, g.dh, g.dw,
+                            false);
       }
     });
     return;
@@ -867,14 +941,14 @@ void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
     const int64_t top = (g.R - 1) * g.dh - g.ph, left = (g.S - 1) * g.dw - g.pw;
     at::parallel_for(0, g.N * g.C, direct_grain(Kg * HW * RS),
                      [&](int64_t b, int64_t e) {
-      std::vector<T> P(rows * width), flipped(RS);
+      PaddedPlane<T> pad(g.OH, g.OW, top, left, rows, width);
+      std::vector<T> flipped(RS);
       for (int64_t q = b; q < e; ++q) {
         const int64_t n = q / g.C, c = q % g.C;
         for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k) {
           for (int64_t i = 0; i < RS; ++i) flipped[i] = w[k * RS + RS - 1 - i];
-          pad_plane(dy + (n * g.K + k) * OHW, g.OH, g.OW, top, left, P.data(), rows, width);
-          conv_padded_plane(P.data(), width, flipped.data(), dx + q * HW, g.H, g.W, g.R, g.S, 1, g.dh, g.dw,
-                            k > c * Kg);
+          const T* P = pad.load(dy + (n * g.K + k) * OHW);
+          conv_padded_plane(P, width, flipped.data(), dx + q * HW, g.H, g.W, g.R, g.S, 1, g.dh, g.dw, k > c * Kg);
         }
       }
     });
@@ -911,20 +985,17 @@ template <typename T>
 void direct_weight_grad_nchw(const T* dy, const T* x, T* dw, const Geom& g) {
   const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, HW = g.H * g.W;
   if (g.sw == 1) {
-    constexpr int64_t L = row_lanes<T>();
     const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
-    const int64_t dwidth = (g.OW + L - 1) / L * L;
+    const auto plane = g.R == 3 && g.S == 3 ? weight_grad_plane<T, 9> : weight_grad_plane<T, 0>;
     at::parallel_for(0, g.K, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> P(rows * width), D(g.OH * dwidth);
+      PaddedPlane<T> pad(g.H, g.W, g.ph, g.pw, rows, width);
       for (int64_t k = b; k < e; ++k) {
         T* dwk = dw + k * RS;
         std::fill(dwk, dwk + RS, T(0));
         const int64_t c = k / g.Kg();
-        for (int64_t n = 0; n < g.N; ++n) {
-          pad_plane(x + (n * g.C + c) * HW, g.H, g.W, g.ph, g.pw, P.data(), rows, width);
-          pad_plane(dy + (n * g.K + k) * OHW, g.OH, g.OW, 0, 0, D.data(), g.OH, dwidth);
-          weight_grad_padded_plane(D.data(), dwidth, P.data(), width, dwk, g.OH, g.R, g.S, g.sh, g.dh, g.dw);
-        }
+        for (int64_t n = 0; n < g.N; ++n)
+          plane(dy + (n * g.K + k) * OHW, g.OW, pad.load(x + (n * g.C + c) * HW), width, dwk, g.OH, g.R, g.S, g.sh,
+                g.dh, g.dw);
       }
     });
     return;
@@ -957,35 +1028,125 @@ void direct_weight_grad_nchw(const T* dy, const T* x, T* dw, const Geom& g) {
 }
 
 // NHWC depthwise: wt is the filter as (R*S, C), so each tap is a unit-stride channel vector.
-template <typename T>
-inline void fma_channels(const T* __restrict a, const T* __restrict x, T* __restrict y, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) y[c] += a[c] * x[c];
+// Output pixels whose taps all fall inside the input go kPixels at a time, by blocks of up
+// to two vectors of channels, their sums in registers over every tap; edge pixels take the
+// same kernel one at a time with their valid taps only.
+constexpr int64_t kPixels = 4;
+
+// out[p * ostep + c] = sum over taps t < nt of tw[t][c] * tx[t][p * xstep + c], for p < PX and
+// channels [c, c + NV vectors), or [c, c + cnt) when MASKED (NV 1).
+template <typename T, int64_t NV, int64_t PX, bool MASKED>
+inline void nhwc_block(const T* const* tx, const T* const* tw, int64_t nt, int64_t xstep, int64_t c, int64_t cnt,
+                       T* __restrict out, int64_t ostep) {
+  using Vec = RowVec<T>;
+  constexpr int64_t VS = Vec::size();
+  const auto load = [cnt](const T* p) { return MASKED ? Vec::loadu(p, cnt) : Vec::loadu(p); };
+  Vec acc[PX][NV];
+  for (int64_t p = 0; p < PX; ++p)
+    for (int64_t v = 0; v < NV; ++v) acc[p][v] = Vec(T(0));
+  for (int64_t t = 0; t < nt; ++t) {
+    Vec wv[NV];
+    for (int64_t v = 0; v < NV; ++v) wv[v] = load(tw[t] + c + v * VS);
+    const T* xp = tx[t] + c;
+    for (int64_t p = 0; p < PX; ++p)
+      for (int64_t v = 0; v < NV; ++v) acc[p][v] = at::vec::fmadd(wv[v], load(xp + p * xstep + v * VS), acc[p][v]);
+  }
+  for (int64_t p = 0; p < PX; ++p)
+    for (int64_t v = 0; v < NV; ++v) {
+      if (MASKED) {
+        acc[p][v].store(out + p * ostep + c, cnt);
+      } else {
+        acc[p][v].store(out + p * ostep + c + v * VS);
+      }
+    }
 }
 
+template <typename T, int64_t PX>
+inline void nhwc_pixels(const T* const* tx, const T* const* tw, int64_t nt, int64_t xstep, int64_t C, T* out,
+                        int64_t ostep) {
+  constexpr int64_t VS = RowVec<T>::size();
+  int64_t c = 0;
+  for (; c + 2 * VS <= C; c += 2 * VS) nhwc_block<T, 2, PX, false>(tx, tw, nt, xstep, c, 0, out, ostep);
+  for (; c + VS <= C; c += VS) nhwc_block<T, 1, PX, false>(tx, tw, nt, xstep, c, 0, out, ostep);
+  if (c < C) nhwc_block<T, 1, PX, true>(tx, tw, nt, xstep, c, C - c, out, ostep);
+}
+
+// Output columns [lo, hi) whose taps s all read inside a row of IW (offset s * dw - pw).
+inline void interior_columns(int64_t S, int64_t sw, int64_t dw, int64_t pw, int64_t IW, int64_t OW, int64_t& lo,
+                             int64_t& hi) {
+  lo = 0;
+  hi = OW;
+  for (int64_t s = 0; s < S; ++s) {
+    int64_t l, h;
+    valid_range(s * dw - pw, sw, IW, OW, l, h);
+    lo = std::max(lo, l);
+    hi = std::min(hi, h);
+  }
+  if (hi <= lo) lo = hi = 0;  // no interior: every column is an edge column
+}
+
+// A depthwise convolution in NHWC: out (N, OH, OW, C) from in (N, IH, IW, C) and wt (R*S, C);
+// tap (r, s) of output (oh, ow) reads in[oh * sh - ph + r * dh, ow * sw - pw + s * dw] (ph and
+// pw may be negative). Every output element is written.
 template <typename T>
-void direct_forward_nhwc(const T* x, const T* wt, T* y, const Geom& g) {
-  const int64_t C = g.C;
-  at::parallel_for(0, g.N * g.OH, direct_grain(g.OW * C * g.R * g.S), [&](int64_t b, int64_t e) {
+void depthwise_nhwc(const T* in, int64_t IH, int64_t IW, const T* wt, T* out, int64_t OH, int64_t OW, int64_t N,
+                    int64_t C, int64_t R, int64_t S, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                    int64_t dw) {
+  int64_t lo, hi;
+  interior_columns(S, sw, dw, pw, IW, OW, lo, hi);
+  at::parallel_for(0, N * OH, direct_grain(OW * C * R * S), [&](int64_t b, int64_t e) {
+    std::vector<const T*> tx(R * S), tw(R * S);
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / g.OH, oh = t % g.OH;
-      T* yrow = y + t * g.OW * C;
-      std::fill(yrow, yrow + g.OW * C, T(0));
-      for (int64_t r = 0; r < g.R; ++r) {
-        const int64_t h = oh * g.sh - g.ph + r * g.dh;
-        if (h < 0 || h >= g.H) continue;
-        const T* xrow = x + (n * g.H + h) * g.W * C;
-        for (int64_t ow = 0; ow < g.OW; ++ow) {
-          for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t w = ow * g.sw - g.pw + s * g.dw;
-            if (w < 0 || w >= g.W) continue;
-            fma_channels(wt + (r * g.S + s) * C, xrow + w * C, yrow + ow * C, C);
+      const int64_t n = t / OH, oh = t % OH;
+      T* orow = out + t * OW * C;
+      const auto row_of = [&](int64_t r) -> const T* {
+        const int64_t h = oh * sh - ph + r * dh;
+        return h < 0 || h >= IH ? nullptr : in + (n * IH + h) * IW * C;
+      };
+      int64_t nt = 0;  // interior: every tap of the valid filter rows, from column lo on
+      for (int64_t r = 0; r < R; ++r) {
+        const T* irow = row_of(r);
+        if (irow == nullptr) continue;
+        for (int64_t s = 0; s < S; ++s, ++nt) {
+          tx[nt] = irow + (lo * sw - pw + s * dw) * C;
+          tw[nt] = wt + (r * S + s) * C;
+        }
+      }
+      int64_t ow = lo;
+      for (; ow + kPixels <= hi; ow += kPixels) {
+        nhwc_pixels<T, kPixels>(tx.data(), tw.data(), nt, sw * C, C, orow + ow * C, C);
+        for (int64_t i = 0; i < nt; ++i) tx[i] += kPixels * sw * C;
+      }
+      for (; ow < hi; ++ow) {
+        nhwc_pixels<T, 1>(tx.data(), tw.data(), nt, 0, C, orow + ow * C, C);
+        for (int64_t i = 0; i < nt; ++i) tx[i] += sw * C;
+      }
+      for (int64_t ow = 0; ow < OW; ++ow) {  // edge columns: their valid taps only
+        if (ow == lo) ow = std::max(hi, lo);
+        if (ow >= OW) break;
+        nt = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          const T* irow = row_of(r);
+          if (irow == nullptr) continue;
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t w = ow * sw - pw + s * dw;
+            if (w < 0 || w >= IW) continue;
+            tx[nt] = irow + w * C;
+            tw[nt++] = wt + (r * S + s) * C;
           }
         }
+        nhwc_pixels<T, 1>(tx.data(), tw.data(), nt, 0, C, orow + ow * C, C);
       }
     }
   });
 }
 
+template <typename T>
+inline void fma_channels(const T* __restrict a, const T* __restrict x, T* __restrict y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) y[c] += a[c] * x[c];
+}
+
+// Strided input gradient (stride 1 is depthwise_nhwc with the flipped filter).
 template <typename T>
 void direct_input_grad_nhwc(const T* dy, const T* wt, T* dx, const Geom& g) {
   const int64_t C = g.C;
@@ -1010,11 +1171,56 @@ void direct_input_grad_nhwc(const T* dy, const T* wt, T* dx, const Geom& g) {
   });
 }
 
+// acc[s * C + c] += sum over pixels p < npix of dyp[p * C + c] * xp[p * xstep + s * sstep + c], for
+// the S_ taps of one filter row and channels [c, c + NV vectors) (or [c, c + cnt), MASKED).
+template <typename T, int64_t S_, int64_t NV, bool MASKED>
+inline void nhwc_wgrad_block(const T* __restrict dyp, const T* __restrict xp, int64_t npix, int64_t C, int64_t xstep,
+                             int64_t sstep, int64_t c, int64_t cnt, T* __restrict acc) {
+  using Vec = RowVec<T>;
+  constexpr int64_t VS = Vec::size();
+  const auto load = [cnt](const T* p) { return MASKED ? Vec::loadu(p, cnt) : Vec::loadu(p); };
+  Vec a[S_][NV];
+  for (int64_t s = 0; s < S_; ++s)
+    for (int64_t v = 0; v < NV; ++v) a[s][v] = load(acc + s * C + c + v * VS);
+  for (int64_t p = 0; p < npix; ++p) {
+    Vec d[NV];
+    for (int64_t v = 0; v < NV; ++v) d[v] = load(dyp + p * C + c + v * VS);
+    const T* xs = xp + p * xstep + c;
+    for (int64_t s = 0; s < S_; ++s)
+      for (int64_t v = 0; v < NV; ++v) a[s][v] = at::vec::fmadd(d[v], load(xs + s * sstep + v * VS), a[s][v]);
+  }
+  for (int64_t s = 0; s < S_; ++s)
+    for (int64_t v = 0; v < NV; ++v) {
+      if (MASKED) {
+        a[s][v].store(acc + s * C + c, cnt);
+      } else {
+        a[s][v].store(acc + s * C + c + v * VS);
+      }
+    }
+}
+
+// The interior columns [lo, hi) of one output row and one filter row: with the filter width
+// S_ known at compile time, its taps' sums stay in registers along the row.
+template <typename T, int64_t S_>
+void nhwc_wgrad_row(const T* dyp, const T* xp, int64_t npix, int64_t C, int64_t xstep, int64_t sstep, T* acc) {
+  constexpr int64_t VS = RowVec<T>::size();
+  int64_t c = 0;
+  for (; c + 2 * VS <= C; c += 2 * VS) nhwc_wgrad_block<T, S_, 2, false>(dyp, xp, npix, C, xstep, sstep, c, 0, acc);
+  for (; c + VS <= C; c += VS) nhwc_wgrad_block<T, S_, 1, false>(dyp, xp, npix, C, xstep, sstep, c, 0, acc);
+  if (c < C) nhwc_wgrad_block<T, S_, 1, true>(dyp, xp, npix, C, xstep, sstep, c, C - c, acc);
+}
+
 template <typename T>
 void direct_weight_grad_nhwc(const T* dy, const T* x, T* dwt, const Geom& g) {
   // dwt (R*S, C): per-chunk partial sums over fixed row ranges, added in chunk order.
   const int64_t C = g.C, RS = g.R * g.S, rows = g.N * g.OH;
   const int64_t chunks = std::min<int64_t>(at::get_num_threads(), rows);
+  int64_t lo, hi;
+  interior_columns(g.S, g.sw, g.dw, g.pw, g.W, g.OW, lo, hi);
+  using RowFn = void (*)(const T*, const T*, int64_t, int64_t, int64_t, int64_t, T*);
+  const RowFn interior = g.S == 3 ? nhwc_wgrad_row<T, 3> : g.S == 5 ? nhwc_wgrad_row<T, 5>
+                       : g.S == 7 ? nhwc_wgrad_row<T, 7> : nullptr;
+  if (interior == nullptr) lo = hi = 0;  // other filter widths: every column pixel by pixel
   std::vector<T> partial(chunks * RS * C, T(0));
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t chunk = b; chunk < e; ++chunk) {
@@ -1026,7 +1232,12 @@ void direct_weight_grad_nhwc(const T* dy, const T* x, T* dwt, const Geom& g) {
           const int64_t h = oh * g.sh - g.ph + r * g.dh;
           if (h < 0 || h >= g.H) continue;
           const T* xrow = x + (n * g.H + h) * g.W * C;
+          if (hi > lo)
+            interior(dyrow + lo * C, xrow + (lo * g.sw - g.pw) * C, hi - lo, C, g.sw * C, g.dw * C,
+                     acc + r * g.S * C);
           for (int64_t ow = 0; ow < g.OW; ++ow) {
+            if (ow == lo && hi > lo) ow = hi;
+            if (ow >= g.OW) break;
             for (int64_t s = 0; s < g.S; ++s) {
               const int64_t w = ow * g.sw - g.pw + s * g.dw;
               if (w < 0 || w >= g.W) continue;
@@ -1051,7 +1262,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_direct", [&] {
       if (cl) {
         const at::Tensor wt = w.view({g.K, RS}).t().contiguous();  // (R*S, C)
-        direct_forward_nhwc<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
+        depthwise_nhwc<scalar_t>(x.data_ptr<scalar_t>(), g.H, g.W, wt.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                 g.OH, g.OW, g.N, g.C, g.R, g.S, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw);
       } else {
         direct_forward_nchw<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g);
       }
@@ -1131,7 +1343,14 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
   const int64_t slots = slots_for(g.N);
   if (one_channel_groups(g, cl)) {  // writes every element of dx
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_direct", [&] {
-      if (cl) {
+      if (cl && g.sh == 1 && g.sw == 1) {
+        // Stride 1: dx is dy convolved with the flipped filter (tap order reversed),
+        // padded by the filter's reach less the padding.
+        const at::Tensor wt = w.view({g.K, RS}).flip(1).t().contiguous();  // (R*S, C), flipped
+        depthwise_nhwc<scalar_t>(dy.data_ptr<scalar_t>(), g.OH, g.OW, wt.data_ptr<scalar_t>(),
+                                 dx.data_ptr<scalar_t>(), g.H, g.W, g.N, g.C, g.R, g.S, 1, 1,
+                                 (g.R - 1) * g.dh - g.ph, (g.S - 1) * g.dw - g.pw, g.dh, g.dw);
+      } else if (cl) {
         const at::Tensor wt = w.view({g.K, RS}).t().contiguous();  // (R*S, C)
         direct_input_grad_nhwc<scalar_t>(dy.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), g);
       } else {

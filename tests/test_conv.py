@@ -135,6 +135,49 @@ def test_cpp_direct_taps(transpose, case, dtype):
         _compare("cpu", dtype, xs, ws, kwargs, transpose)
 
 
+# One input channel per group on rows wider than one vector: the C++ direct kernels' row
+# blocks of 1, 2 and 4 vectors (and 8 in AVX2 builds), several blocks per row and partial
+# last vectors; the weight gradient's 3x3 kernel (all taps' sums in registers) and its
+# any-size one. (transpose, input shape, weight shape, kwargs)
+DIRECT_ROW_CASES = [
+    (False, (2, 3, 20, 37), (3, 1, 3, 3), dict(padding=1, groups=3)),
+    (False, (1, 2, 9, 70), (4, 1, 3, 3), dict(padding=(0, 2), dilation=(2, 1), groups=2)),  # multiplier 2
+    (False, (2, 4, 11, 24), (4, 1, 5, 3), dict(stride=(2, 1), padding=(2, 1), groups=4)),
+    (False, (2, 1, 6, 40), (6, 1, 3, 3), dict(padding=1)),                                 # one input channel
+    (True, (2, 3, 12, 30), (3, 1, 3, 3), dict(padding=1, groups=3)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("transpose,xs,ws,kwargs", DIRECT_ROW_CASES, ids=str)
+def test_cpp_direct_rows(transpose, xs, ws, kwargs, dtype):
+    with pyops.backend("cpp"):
+        _compare("cpu", dtype, xs, ws, kwargs, transpose)
+
+
+# Depthwise channels_last: the C++ kernel's pixel blocks (4 pixels by one or two vectors of
+# channels, and a masked last vector: 40, 50, 19 channels), edge columns pixel by pixel;
+# stride-1 input gradients as the flipped filter's convolution (padding 4 > the filter's
+# reach: a negative padding there); weight-gradient rows for 3-, 5- and 7-wide filters, and
+# any width (2) pixel by pixel. (transpose, input shape, weight shape, kwargs)
+DIRECT_NHWC_CASES = [
+    (False, (2, 40, 9, 13), (40, 1, 3, 3), dict(padding=1, groups=40)),
+    (False, (1, 50, 8, 12), (50, 1, 5, 5), dict(padding=2, groups=50)),
+    (False, (2, 19, 10, 17), (19, 1, 7, 7), dict(padding=3, groups=19)),
+    (False, (2, 24, 9, 11), (24, 1, 3, 2), dict(stride=(1, 2), padding=1, groups=24)),
+    (False, (1, 16, 6, 9), (16, 1, 3, 3), dict(padding=3, dilation=2, groups=16)),
+    (False, (1, 8, 5, 6), (8, 1, 3, 3), dict(padding=4, groups=8)),
+    (True, (2, 40, 7, 10), (40, 1, 3, 3), dict(padding=1, groups=40)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("transpose,xs,ws,kwargs", DIRECT_NHWC_CASES, ids=str)
+def test_cpp_direct_channels_last(transpose, xs, ws, kwargs, dtype):
+    with pyops.backend("cpp"):
+        _compare("cpu", dtype, xs, ws, kwargs, transpose, channels_last=True)
+
+
 # Planes of at most 64 floats (8x8 and smaller) with patch rows of at most 64: in AVX-512
 # builds the C++ patch matrix is built (forward, weight gradient) and added back into the
 # planes (input gradient) by register permutes (one, two or four registers per plane or
