@@ -685,48 +685,6 @@ bool one_channel_groups(const Geom& g, bool cl) {
   return g.Cg() == 1 && (!cl || g.Kg() == 1);  // NHWC: plain depthwise (multiplier 1) only
 }
 
-template <typename T>
-inline void axpy_strided(T a, const T* __restrict x, int64_t stride, T* __restrict y, int64_t n) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i * stride];
-  }
-}
-
-template <typename T>
-inline void scatter_strided(T a, const T* __restrict x, int64_t stride, T* __restrict y, int64_t n) {
-  if (stride == 1) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-  } else {
-    for (int64_t i = 0; i < n; ++i) y[i * stride] += a * x[i];
-  }
-}
-
-template <typename T>
-inline T dot_strided(const T* __restrict a, const T* __restrict x, int64_t stride, int64_t n) {
-  T sum = 0;
-  if (stride == 1) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += a[i] * x[i];
-  } else {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += a[i] * x[i * stride];
-  }
-  return sum;
-}
-
-// Output columns [lo, hi) of every filter column s, for the NCHW row loops.
-struct TapColumns {
-  std::vector<int64_t> lo, hi, off;
-  explicit TapColumns(const Geom& g) : lo(g.S), hi(g.S), off(g.S) {
-    for (int64_t s = 0; s < g.S; ++s) {
-      off[s] = s * g.dw - g.pw;
-      valid_range(off[s], g.sw, g.W, g.OW, lo[s], hi[s]);
-    }
-  }
-};
-
 // Unit column stride: each plane is first copied into a zero-padded scratch plane, so
 // every tap reads a full row block with no bounds checks, and a block of up to kRowBytes
 // of outputs accumulates in vector registers over all R*S taps (independent chains). A
@@ -751,45 +709,84 @@ int64_t row_vectors(int64_t cols) {
   return nv;
 }
 
-// Scratch sizes of a padded plane read by conv_padded_plane for an (OH, OW) output.
+// Scratch sizes of a padded plane read by conv_padded_plane for an (OH, OW) output: rows,
+// and the width of each of its sw column phases.
 inline int64_t padded_rows(int64_t OH, int64_t R, int64_t sh, int64_t dh) { return (OH - 1) * sh + (R - 1) * dh + 1; }
 template <typename T>
-int64_t padded_width(int64_t OW, int64_t S, int64_t dw) {
+int64_t padded_width(int64_t OW, int64_t S, int64_t dw, int64_t sw) {
   const int64_t block = row_vectors<T>(OW) * RowVec<T>::size();
-  return (OW + block - 1) / block * block + (S - 1) * dw;
+  return (OW + block - 1) / block * block + (S - 1) * dw / sw;
 }
 
-// A (rows, width) scratch plane holding (src_rows, src_cols) planes shifted by (top, left),
-// zeros elsewhere. The zeros are written once: every plane loaded overwrites the same
-// rows and columns, so each load copies just the source.
+// Offsets of the R*S taps in a padded plane of `phases` column phases of (rows, width):
+// tap (r, s) of output (oh, ow) reads padded column ow * sw + s * dw, which is column
+// ow + (s * dw) / sw of phase (s * dw) % sw, so every tap reads unit-stride rows.
+std::vector<int64_t> tap_offsets(int64_t R, int64_t S, int64_t dh, int64_t dw, int64_t sw, int64_t rows,
+                                 int64_t width) {
+  std::vector<int64_t> off(R * S);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t s = 0; s < S; ++s) off[r * S + s] = (s * dw % sw) * rows * width + r * dh * width + s * dw / sw;
+  return off;
+}
+
+// A scratch plane of `phases` column phases, each (rows, width), holding (src_rows, src_cols)
+// planes shifted by (top, left), zeros elsewhere: padded column j is column j / phases of
+// phase j % phases. The zeros are written once: every plane loaded overwrites the same
+// elements, so each load copies just the source.
 template <typename T>
 class PaddedPlane {
  public:
-  PaddedPlane(int64_t src_rows, int64_t src_cols, int64_t top, int64_t left, int64_t rows, int64_t width)
-      : buf_(rows * width, T(0)), width_(width), src_cols_(src_cols), top_(top), left_(left) {
-    j0_ = std::clamp<int64_t>(left, 0, width);
-    j1_ = std::clamp<int64_t>(left + src_cols, j0_, width);
+  PaddedPlane(int64_t src_rows, int64_t src_cols, int64_t top, int64_t left, int64_t rows, int64_t width,
+              int64_t phases = 1)
+      : buf_(phases * rows * width, T(0)), phases_(phases), plane_(rows * width), width_(width),
+        src_cols_(src_cols), top_(top), left_(left) {
+    j0_ = std::clamp<int64_t>(left, 0, width * phases);
+    j1_ = std::clamp<int64_t>(left + src_cols, j0_, width * phases);
     i0_ = std::clamp<int64_t>(top, 0, rows);
     i1_ = std::clamp<int64_t>(top + src_rows, i0_, rows);
   }
   const T* load(const T* __restrict src) {
-    for (int64_t i = i0_; i < i1_; ++i)
-      std::memcpy(buf_.data() + i * width_ + j0_, src + (i - top_) * src_cols_ + (j0_ - left_),
-                  (j1_ - j0_) * sizeof(T));
+    for (int64_t i = i0_; i < i1_; ++i) {
+      const T* srow = src + (i - top_) * src_cols_ - left_;  // srow[j]: padded column j
+      T* drow = buf_.data() + i * width_;
+      if (phases_ == 1) {
+        std::memcpy(drow + j0_, srow + j0_, (j1_ - j0_) * sizeof(T));
+      } else if (phases_ == 2) {
+        deinterleave_row(srow, drow, drow + plane_);
+      } else {
+        for (int64_t j = j0_; j < j1_; ++j) drow[(j % phases_) * plane_ + j / phases_] = srow[j];
+      }
+    }
     return buf_.data();
   }
-  int64_t width() const { return width_; }
 
  private:
+  // Two phases: padded columns [j0, j1) of srow to even (d0) and odd (d1) columns.
+  void deinterleave_row(const T* __restrict srow, T* __restrict d0, T* __restrict d1) const {
+    using Vec = RowVec<T>;
+    constexpr int64_t VS = Vec::size();
+    int64_t j = j0_;
+    if (j & 1) {
+      d1[j / 2] = srow[j];
+      ++j;
+    }
+    for (; j + 2 * VS <= j1_; j += 2 * VS) {
+      const auto [even, odd] = at::vec::deinterleave2(Vec::loadu(srow + j), Vec::loadu(srow + j + VS));
+      even.store(d0 + j / 2);
+      odd.store(d1 + j / 2);
+    }
+    for (; j < j1_; ++j) (j & 1 ? d1 : d0)[j / 2] = srow[j];
+  }
+
   std::vector<T> buf_;
-  int64_t width_, src_cols_, top_, left_, i0_, i1_, j0_, j1_;
+  int64_t phases_, plane_, width_, src_cols_, top_, left_, i0_, i1_, j0_, j1_;
 };
 
-// out (OH, OW) (+)= sum over taps of f[r, s] * P[oh * sh + r * dh, ow + s * dw], in row
-// blocks of NV vectors.
+// out (OH, OW) (+)= sum over taps t of f[t] * P[oh * sh * width + off[t] + ow] (tap_offsets), in
+// row blocks of NV vectors.
 template <typename T, int64_t NV>
-void conv_padded_rows(const T* __restrict P, int64_t width, const T* __restrict f, T* __restrict out, int64_t OH,
-                      int64_t OW, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw, bool accumulate) {
+void conv_padded_rows(const T* __restrict P, int64_t width, const int64_t* __restrict off, const T* __restrict f,
+                      T* __restrict out, int64_t OH, int64_t OW, int64_t RS, int64_t sh, bool accumulate) {
   using Vec = RowVec<T>;
   constexpr int64_t VS = Vec::size(), L = NV * VS;
   for (int64_t oh = 0; oh < OH; ++oh) {
@@ -798,13 +795,10 @@ void conv_padded_rows(const T* __restrict P, int64_t width, const T* __restrict 
     for (int64_t ow0 = 0; ow0 < OW; ow0 += L) {
       Vec acc[NV];
       for (int64_t v = 0; v < NV; ++v) acc[v] = Vec(T(0));
-      for (int64_t r = 0; r < R; ++r) {
-        const T* prow = base + r * dh * width + ow0;
-        for (int64_t s = 0; s < S; ++s) {
-          const Vec fv(f[r * S + s]);
-          const T* src = prow + s * dw;
-          for (int64_t v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(fv, Vec::loadu(src + v * VS), acc[v]);
-        }
+      for (int64_t t = 0; t < RS; ++t) {
+        const Vec fv(f[t]);
+        const T* src = base + off[t] + ow0;
+        for (int64_t v = 0; v < NV; ++v) acc[v] = at::vec::fmadd(fv, Vec::loadu(src + v * VS), acc[v]);
       }
       for (int64_t v = 0; v < NV; ++v) {
         const int64_t cnt = std::min<int64_t>(VS, OW - ow0 - v * VS);
@@ -821,28 +815,28 @@ void conv_padded_rows(const T* __restrict P, int64_t width, const T* __restrict 
 }
 
 template <typename T>
-void conv_padded_plane(const T* P, int64_t width, const T* f, T* out, int64_t OH, int64_t OW, int64_t R, int64_t S,
-                       int64_t sh, int64_t dh, int64_t dw, bool accumulate) {
+void conv_padded_plane(const T* P, int64_t width, const int64_t* off, const T* f, T* out, int64_t OH, int64_t OW,
+                       int64_t RS, int64_t sh, bool accumulate) {
   switch (row_vectors<T>(OW)) {
-    case 1: return conv_padded_rows<T, 1>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
-    case 2: return conv_padded_rows<T, 2>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
-    case 4: return conv_padded_rows<T, 4>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
+    case 1: return conv_padded_rows<T, 1>(P, width, off, f, out, OH, OW, RS, sh, accumulate);
+    case 2: return conv_padded_rows<T, 2>(P, width, off, f, out, OH, OW, RS, sh, accumulate);
+    case 4: return conv_padded_rows<T, 4>(P, width, off, f, out, OH, OW, RS, sh, accumulate);
     default:
       if constexpr (max_row_vectors<T>() >= 8) {
-        return conv_padded_rows<T, 8>(P, width, f, out, OH, OW, R, S, sh, dh, dw, accumulate);
+        return conv_padded_rows<T, 8>(P, width, off, f, out, OH, OW, RS, sh, accumulate);
       }
       TORCH_INTERNAL_ASSERT(false, "conv_padded_plane: unexpected row block");
   }
 }
 
-// acc[r * S + s] += sum over (oh, ow) of dyp[oh, ow] * P[oh * sh + r * dh, ow + s * dw]: dyp
-// is dy's plane as is (rows of OW, the last vector of a row a masked load, zeros past
+// acc[t] += sum over (oh, ow) of dyp[oh, ow] * P[oh * sh * width + off[t] + ow] (tap_offsets):
+// dyp is dy's plane as is (rows of OW, the last vector of a row a masked load, zeros past
 // OW, which makes the padded P's values there irrelevant). With RS_ taps known at
 // compile time, every tap's partial sums stay in registers and each dy vector is loaded
 // once for all taps; RS_ = 0 takes one tap at a time (any filter size).
 template <typename T, int64_t RS_>
-void weight_grad_plane(const T* __restrict dyp, int64_t OW, const T* __restrict P, int64_t width, T* __restrict acc,
-                       int64_t OH, int64_t R, int64_t S, int64_t sh, int64_t dh, int64_t dw) {
+void weight_grad_plane(const T* __restrict dyp, int64_t OW, const T* __restrict P, int64_t width,
+                       const int64_t* __restrict offsets, T* __restrict acc, int64_t OH, int64_t RS, int64_t sh) {
   using Vec = RowVec<T>;
   constexpr int64_t VS = Vec::size();
   const int64_t full = OW / VS * VS, tail = OW - full;
@@ -854,10 +848,9 @@ void weight_grad_plane(const T* __restrict dyp, int64_t OW, const T* __restrict 
     return sum;
   };
   if constexpr (RS_ > 0) {
-    TORCH_INTERNAL_ASSERT(R * S == RS_);
+    TORCH_INTERNAL_ASSERT(RS == RS_);
     int64_t off[RS_];
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t s = 0; s < S; ++s) off[r * S + s] = r * dh * width + s * dw;
+    std::copy(offsets, offsets + RS_, off);
     Vec part[RS_];
     for (int64_t t = 0; t < RS_; ++t) part[t] = Vec(T(0));
     for (int64_t oh = 0; oh < OH; ++oh) {
@@ -874,59 +867,90 @@ void weight_grad_plane(const T* __restrict dyp, int64_t OW, const T* __restrict 
     }
     for (int64_t t = 0; t < RS_; ++t) acc[t] += reduce(part[t]);
   } else {
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t s = 0; s < S; ++s) {
-        Vec part(T(0));
-        for (int64_t oh = 0; oh < OH; ++oh) {
-          const T* drow = dyp + oh * OW;
-          const T* src = P + (oh * sh + r * dh) * width + s * dw;
-          for (int64_t c0 = 0; c0 < full; c0 += VS) part = at::vec::fmadd(Vec::loadu(drow + c0), Vec::loadu(src + c0), part);
-          if (tail > 0) part = at::vec::fmadd(Vec::loadu(drow + full, tail), Vec::loadu(src + full), part);
-        }
-        acc[r * S + s] += reduce(part);
+    for (int64_t t = 0; t < RS; ++t) {
+      Vec part(T(0));
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        const T* drow = dyp + oh * OW;
+        const T* src = P + oh * sh * width + offsets[t];
+        for (int64_t c0 = 0; c0 < full; c0 += VS) part = at::vec::fmadd(Vec::loadu(drow + c0), Vec::loadu(src + c0), part);
+        if (tail > 0) part = at::vec::fmadd(Vec::loadu(drow + full, tail), Vec::loadu(src + full), part);
+      }
+      acc[t] += reduce(part);
+    }
+  }
+}
+
+// P[oh * sh * width + off[t] + ow] += f[t] * dyp[oh, ow] for every tap t: a strided input
+// gradient scattered into a padded plane of column phases (tap_offsets), where each tap
+// adds unit-stride rows (the masked last vector adds zeros past OW).
+template <typename T>
+void scatter_padded_plane(const T* __restrict dyp, int64_t OH, int64_t OW, const T* __restrict f,
+                          const int64_t* __restrict off, int64_t RS, int64_t sh, int64_t width, T* __restrict P) {
+  using Vec = RowVec<T>;
+  constexpr int64_t VS = Vec::size();
+  // Tap by tap: consecutive rows do not overlap, where two taps' rows would (their
+  // unaligned overlapping vectors defeat store-to-load forwarding).
+  for (int64_t t = 0; t < RS; ++t) {
+    const Vec fv(f[t]);
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const T* drow = dyp + oh * OW;
+      T* dst = P + oh * sh * width + off[t];
+      for (int64_t c0 = 0; c0 < OW; c0 += VS) {
+        const Vec d = c0 + VS <= OW ? Vec::loadu(drow + c0) : Vec::loadu(drow + c0, OW - c0);
+        at::vec::fmadd(fv, d, Vec::loadu(dst + c0)).store(dst + c0);
       }
     }
   }
 }
 
+// dx (H, W) = the padded plane of `phases` column phases (rows, width) at (h + ph, w + pw).
+template <typename T>
+void gather_padded_plane(const T* __restrict P, int64_t rows, int64_t width, int64_t phases, int64_t ph, int64_t pw,
+                         T* __restrict dx, int64_t H, int64_t W) {
+  using Vec = RowVec<T>;
+  constexpr int64_t VS = Vec::size();
+  const int64_t plane = rows * width;
+  for (int64_t h = 0; h < H; ++h) {
+    const T* prow = P + (h + ph) * width;
+    T* drow = dx + h * W;
+    int64_t w = 0;
+    if (phases == 1) {
+      std::memcpy(drow, prow + pw, W * sizeof(T));
+      continue;
+    }
+    if (phases == 2) {
+      if ((w + pw) & 1) {
+        drow[w] = prow[plane + (w + pw) / 2];
+        ++w;
+      }
+      for (; w + 2 * VS <= W; w += 2 * VS) {
+        const int64_t c = (w + pw) / 2;
+        const auto [lo, hi] = at::vec::interleave2(Vec::loadu(prow + c), Vec::loadu(prow + plane + c));
+        lo.store(drow + w);
+        hi.store(drow + w + VS);
+      }
+      for (; w < W; ++w) drow[w] = prow[((w + pw) & 1) * plane + (w + pw) / 2];
+      continue;
+    }
+    for (; w < W; ++w) drow[w] = prow[((w + pw) % phases) * plane + (w + pw) / phases];
+  }
+}
+
+// One input channel per group, NCHW: every plane is copied into a zero-padded scratch
+// plane split into sw column phases (PaddedPlane), so all three kernels read or write
+// unit-stride rows for any stride.
 template <typename T>
 void direct_forward_nchw(const T* x, const T* w, T* y, const Geom& g) {
   const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, Kg = g.Kg();
-  if (g.sw == 1) {  // per input plane: pad once, then every output plane of its group
-    const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
-    at::parallel_for(0, g.N * g.C, direct_grain(Kg * OHW * RS),
-                     [&](int64_t b, int64_t e) {
-      PaddedPlane<T> pad(g.H, g.W, g.ph, g.pw, rows, width);
-      for (int64_t q = b; q < e; ++q) {
-        const int64_t n = q / g.C, c = q % g.C;
-        const T* P = pad.load(x + q * g.H * g.W);
-        for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k)
-          conv_padded_plane(P, width, w + k * RS, y + (n * g.K + k) * OHW, g.OH, g.OW, g.R, g.S, g.sh, g.dh, g.dw,
-                            false);
-      }
-    });
-    return;
-  }
-  const TapColumns cols(g);
-  at::parallel_for(0, g.N * g.K, direct_grain(OHW * RS), [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t n = p / g.K, k = p % g.K;
-      const T* xp = x + (n * g.C + k / Kg) * g.H * g.W;
-      const T* wk = w + k * RS;
-      T* yp = y + p * OHW;
-      std::fill(yp, yp + OHW, T(0));
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        T* yrow = yp + oh * g.OW;
-        for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t h = oh * g.sh - g.ph + r * g.dh;
-          if (h < 0 || h >= g.H) continue;
-          const T* xrow = xp + h * g.W;
-          for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t lo = cols.lo[s], hi = cols.hi[s];
-            if (hi > lo) axpy_strided(wk[r * g.S + s], xrow + cols.off[s] + lo * g.sw, g.sw, yrow + lo, hi - lo);
-          }
-        }
-      }
+  const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw, g.sw);
+  const std::vector<int64_t> off = tap_offsets(g.R, g.S, g.dh, g.dw, g.sw, rows, width);
+  at::parallel_for(0, g.N * g.C, direct_grain(Kg * OHW * RS), [&](int64_t b, int64_t e) {
+    PaddedPlane<T> pad(g.H, g.W, g.ph, g.pw, rows, width, g.sw);
+    for (int64_t q = b; q < e; ++q) {  // per input plane: pad once, then every output plane of its group
+      const int64_t n = q / g.C, c = q % g.C;
+      const T* P = pad.load(x + q * g.H * g.W);
+      for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k)
+        conv_padded_plane(P, width, off.data(), w + k * RS, y + (n * g.K + k) * OHW, g.OH, g.OW, RS, g.sh, false);
     }
   });
 }
@@ -937,10 +961,10 @@ void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
   if (g.sh == 1 && g.sw == 1) {
     // Stride 1: dx[h, w] = sum of w[r, s] * dy[h + ph - r*dh, w + pw - s*dw], a convolution
     // of dy (shifted by the flipped filter's reach) with the flipped filter.
-    const int64_t rows = padded_rows(g.H, g.R, 1, g.dh), width = padded_width<T>(g.W, g.S, g.dw);
+    const int64_t rows = padded_rows(g.H, g.R, 1, g.dh), width = padded_width<T>(g.W, g.S, g.dw, 1);
     const int64_t top = (g.R - 1) * g.dh - g.ph, left = (g.S - 1) * g.dw - g.pw;
-    at::parallel_for(0, g.N * g.C, direct_grain(Kg * HW * RS),
-                     [&](int64_t b, int64_t e) {
+    const std::vector<int64_t> off = tap_offsets(g.R, g.S, g.dh, g.dw, 1, rows, width);
+    at::parallel_for(0, g.N * g.C, direct_grain(Kg * HW * RS), [&](int64_t b, int64_t e) {
       PaddedPlane<T> pad(g.OH, g.OW, top, left, rows, width);
       std::vector<T> flipped(RS);
       for (int64_t q = b; q < e; ++q) {
@@ -948,35 +972,25 @@ void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
         for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k) {
           for (int64_t i = 0; i < RS; ++i) flipped[i] = w[k * RS + RS - 1 - i];
           const T* P = pad.load(dy + (n * g.K + k) * OHW);
-          conv_padded_plane(P, width, flipped.data(), dx + q * HW, g.H, g.W, g.R, g.S, 1, g.dh, g.dw, k > c * Kg);
+          conv_padded_plane(P, width, off.data(), flipped.data(), dx + q * HW, g.H, g.W, RS, 1, k > c * Kg);
         }
       }
     });
     return;
   }
-  const TapColumns cols(g);
+  // Strided: scatter every filter of the group into the padded input plane, then read dx
+  // out of it (what lands in the padding is dropped).
+  const int64_t rows = std::max(padded_rows(g.OH, g.R, g.sh, g.dh), g.ph + g.H);
+  const int64_t width = std::max(padded_width<T>(g.OW, g.S, g.dw, g.sw), (g.pw + g.W + g.sw - 1) / g.sw);
+  const std::vector<int64_t> off = tap_offsets(g.R, g.S, g.dh, g.dw, g.sw, rows, width);
   at::parallel_for(0, g.N * g.C, direct_grain(Kg * OHW * RS), [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t n = p / g.C, c = p % g.C;
-      T* dxp = dx + p * HW;
-      std::fill(dxp, dxp + HW, T(0));
-      for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k) {
-        const T* dyp = dy + (n * g.K + k) * OHW;
-        const T* wk = w + k * RS;
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const T* dyrow = dyp + oh * g.OW;
-          for (int64_t r = 0; r < g.R; ++r) {
-            const int64_t h = oh * g.sh - g.ph + r * g.dh;
-            if (h < 0 || h >= g.H) continue;
-            T* dxrow = dxp + h * g.W;
-            for (int64_t s = 0; s < g.S; ++s) {
-              const int64_t lo = cols.lo[s], hi = cols.hi[s];
-              if (hi > lo)
-                scatter_strided(wk[r * g.S + s], dyrow + lo, g.sw, dxrow + cols.off[s] + lo * g.sw, hi - lo);
-            }
-          }
-        }
-      }
+    std::vector<T> P(g.sw * rows * width);
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t n = q / g.C, c = q % g.C;
+      std::fill(P.begin(), P.end(), T(0));
+      for (int64_t k = c * Kg; k < (c + 1) * Kg; ++k)
+        scatter_padded_plane(dy + (n * g.K + k) * OHW, g.OH, g.OW, w + k * RS, off.data(), RS, g.sh, width, P.data());
+      gather_padded_plane(P.data(), rows, width, g.sw, g.ph, g.pw, dx + q * HW, g.H, g.W);
     }
   });
 }
@@ -984,45 +998,18 @@ void direct_input_grad_nchw(const T* dy, const T* w, T* dx, const Geom& g) {
 template <typename T>
 void direct_weight_grad_nchw(const T* dy, const T* x, T* dw, const Geom& g) {
   const int64_t OHW = g.OH * g.OW, RS = g.R * g.S, HW = g.H * g.W;
-  if (g.sw == 1) {
-    const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw);
-    const auto plane = g.R == 3 && g.S == 3 ? weight_grad_plane<T, 9> : weight_grad_plane<T, 0>;
-    at::parallel_for(0, g.K, 1, [&](int64_t b, int64_t e) {
-      PaddedPlane<T> pad(g.H, g.W, g.ph, g.pw, rows, width);
-      for (int64_t k = b; k < e; ++k) {
-        T* dwk = dw + k * RS;
-        std::fill(dwk, dwk + RS, T(0));
-        const int64_t c = k / g.Kg();
-        for (int64_t n = 0; n < g.N; ++n)
-          plane(dy + (n * g.K + k) * OHW, g.OW, pad.load(x + (n * g.C + c) * HW), width, dwk, g.OH, g.R, g.S, g.sh,
-                g.dh, g.dw);
-      }
-    });
-    return;
-  }
-  const TapColumns cols(g);
+  const int64_t rows = padded_rows(g.OH, g.R, g.sh, g.dh), width = padded_width<T>(g.OW, g.S, g.dw, g.sw);
+  const std::vector<int64_t> off = tap_offsets(g.R, g.S, g.dh, g.dw, g.sw, rows, width);
+  const auto plane = RS == 9 ? weight_grad_plane<T, 9> : weight_grad_plane<T, 0>;
   at::parallel_for(0, g.K, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> acc(RS);
+    PaddedPlane<T> pad(g.H, g.W, g.ph, g.pw, rows, width, g.sw);
     for (int64_t k = b; k < e; ++k) {
-      std::fill(acc.begin(), acc.end(), T(0));
+      T* dwk = dw + k * RS;
+      std::fill(dwk, dwk + RS, T(0));
       const int64_t c = k / g.Kg();
-      for (int64_t n = 0; n < g.N; ++n) {
-        const T* dyp = dy + (n * g.K + k) * OHW;
-        const T* xp = x + (n * g.C + c) * HW;
-        for (int64_t oh = 0; oh < g.OH; ++oh) {
-          const T* dyrow = dyp + oh * g.OW;
-          for (int64_t r = 0; r < g.R; ++r) {
-            const int64_t h = oh * g.sh - g.ph + r * g.dh;
-            if (h < 0 || h >= g.H) continue;
-            const T* xrow = xp + h * g.W;
-            for (int64_t s = 0; s < g.S; ++s) {
-              const int64_t lo = cols.lo[s], hi = cols.hi[s];
-              if (hi > lo) acc[r * g.S + s] += dot_strided(dyrow + lo, xrow + cols.off[s] + lo * g.sw, g.sw, hi - lo);
-            }
-          }
-        }
-      }
-      std::copy(acc.begin(), acc.end(), dw + k * RS);
+      for (int64_t n = 0; n < g.N; ++n)
+        plane(dy + (n * g.K + k) * OHW, g.OW, pad.load(x + (n * g.C + c) * HW), width, off.data(), dwk, g.OH, RS,
+              g.sh);
     }
   });
 }

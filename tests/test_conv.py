@@ -138,13 +138,20 @@ def test_cpp_direct_taps(transpose, case, dtype):
 # One input channel per group on rows wider than one vector: the C++ direct kernels' row
 # blocks of 1, 2 and 4 vectors (and 8 in AVX2 builds), several blocks per row and partial
 # last vectors; the weight gradient's 3x3 kernel (all taps' sums in registers) and its
-# any-size one. (transpose, input shape, weight shape, kwargs)
+# any-size one. Column strides read planes split into column phases: two phases
+# (vector deinterleave, from an odd or even padded column), three (element by element);
+# strided input gradients scatter into them (with a multiplier of 2: two filters per plane)
+# and read dx back out. (transpose, input shape, weight shape, kwargs)
 DIRECT_ROW_CASES = [
     (False, (2, 3, 20, 37), (3, 1, 3, 3), dict(padding=1, groups=3)),
     (False, (1, 2, 9, 70), (4, 1, 3, 3), dict(padding=(0, 2), dilation=(2, 1), groups=2)),  # multiplier 2
     (False, (2, 4, 11, 24), (4, 1, 5, 3), dict(stride=(2, 1), padding=(2, 1), groups=4)),
     (False, (2, 1, 6, 40), (6, 1, 3, 3), dict(padding=1)),                                 # one input channel
     (True, (2, 3, 12, 30), (3, 1, 3, 3), dict(padding=1, groups=3)),
+    (False, (2, 3, 9, 45), (3, 1, 3, 3), dict(stride=2, padding=1, groups=3)),
+    (False, (1, 2, 8, 41), (4, 1, 3, 3), dict(stride=2, padding=(1, 2), dilation=(1, 3), groups=2)),
+    (False, (2, 2, 7, 38), (2, 1, 3, 4), dict(stride=3, padding=(0, 1), groups=2)),
+    (True, (2, 3, 8, 20), (3, 1, 4, 4), dict(stride=2, padding=1, groups=3)),
 ]
 
 
