@@ -775,7 +775,13 @@ class PaddedPlane {
       even.store(d0 + j / 2);
       odd.store(d1 + j / 2);
     }
-    for (; j < j1_; ++j) (j & 1 ? d1 : d0)[j / 2] = srow[j];
+    for (; j < j1_; ++j) {
+      if (j & 1) {
+        d1[j / 2] = srow[j];
+      } else {
+        d0[j / 2] = srow[j];
+      }
+    }
   }
 
   std::vector<T> buf_;
