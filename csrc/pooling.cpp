@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -429,6 +430,9 @@ class RowSplit {
   // Copy row src (element stride sw) into dst's phases.
   template <typename scalar_t, typename acc_t>
   void operator()(const scalar_t* __restrict src, int64_t sw, acc_t fill, acc_t* __restrict dst) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (sW_ == 2 && sw == 1) return split_pairs(src, fill, dst);
+    }
     const int64_t step = sW_ * sw;
     for (int64_t r = 0; r < sW_; ++r) {
       acc_t* __restrict d = dst + r * L_;
@@ -447,6 +451,29 @@ class RowSplit {
   }
 
  private:
+  // Stride 2 over a dense row: where both phases read, a vector deinterleave of column
+  // pairs; the ends element by element.
+  template <typename T>
+  void split_pairs(const T* __restrict src, T fill, T* __restrict dst) const {
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t VS = Vec::size();
+    const int64_t j0 = std::max(begin_[0], begin_[1]), j1 = std::min(end_[0], end_[1]);
+    int64_t j = j0;
+    for (; j + VS <= j1; j += VS) {  // phase r, position j: column 2j + r - pad
+      const T* s = src + 2 * j - pad_;
+      const auto [even, odd] = at::vec::deinterleave2(Vec::loadu(s), Vec::loadu(s + VS));
+      even.store(dst + j);
+      odd.store(dst + L_ + j);
+    }
+    for (int64_t r = 0; r < 2; ++r) {
+      T* d = dst + r * L_;
+      std::fill(d, d + begin_[r], fill);
+      for (int64_t i = begin_[r]; i < std::min(j0, end_[r]); ++i) d[i] = src[2 * i + r - pad_];
+      for (int64_t i = std::max(j, begin_[r]); i < end_[r]; ++i) d[i] = src[2 * i + r - pad_];
+      std::fill(d + end_[r], d + L_, fill);
+    }
+  }
+
   const int64_t sW_, pad_, L_;
   std::vector<int64_t> begin_, end_;
 };
@@ -482,10 +509,27 @@ inline void max_rows(const acc_t* __restrict v, const int32_t* __restrict at, in
     }
 }
 
-template <typename acc_t>
-inline void add_run(const acc_t* __restrict v, int64_t n, acc_t* __restrict acc) {
-  for (int64_t i0 = 0; i0 < n; i0 += kLanes)
-    for (int64_t i = i0; i < i0 + kLanes; ++i) acc[i] += v[i];
+// out[i] = sum over k < count of runs[k][i] (in k order) times scale[i] (scale may be null),
+// for i < n, each vector's sum in a register. at::vec by hand: as `acc[i] += v[i]` loops,
+// inlined into the row loops, the sums lost their __restrict, ran as scalar code and
+// re-read each partial sum from memory (half an NCHW average pool's time).
+template <typename scalar_t, typename acc_t>
+inline void sum_runs(const acc_t* const* runs, int64_t count, int64_t n, const acc_t* __restrict scale,
+                     scalar_t* __restrict out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t VS = Vec::size();
+  for (int64_t i = 0; i < n; i += VS) {
+    Vec acc(acc_t(0));
+    for (int64_t k = 0; k < count; ++k) acc = acc + Vec::loadu(runs[k] + i);
+    if (scale != nullptr) acc = acc * Vec::loadu(scale + i, std::min<int64_t>(VS, n - i));
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      acc.store(out + i, std::min<int64_t>(VS, n - i));
+    } else {
+      alignas(64) acc_t lanes[VS];
+      acc.store(lanes);
+      for (int64_t j = 0; j < std::min<int64_t>(VS, n - i); ++j) out[i + j] = static_cast<scalar_t>(lanes[j]);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -497,10 +541,6 @@ inline void store_max(const acc_t* __restrict best, const int32_t* __restrict po
   }
 }
 
-template <typename scalar_t, typename acc_t>
-inline void store_product(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n, scalar_t* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(a[i] * b[i]);
-}
 
 // Use the phase-split kernels when rows are long enough to vectorise and plane
 // positions fit the int32 lanes (with room for the junk lanes past the row's end, whose
@@ -525,6 +565,8 @@ class RowPhasePool {
         ring_pos_(kMax ? slots_ * n_ : 0),
         ring_row_(slots_, -1),
         best_(n_),
+        runs_(g.kH),
+        tap_runs_(g.kW),
         pos_(kMax ? n_ : 0),
         first_col_(kMax ? n_ : 0) {
     for (int64_t ow = 0; ow < (kMax ? g.OW : 0); ++ow)
@@ -546,16 +588,15 @@ class RowPhasePool {
         std::fill(best, best + n_, -std::numeric_limits<acc_t>::infinity());
         const int32_t start = static_cast<int32_t>(h0 * g.W);
         for (int64_t ow = 0; ow < n_; ++ow) pos_[ow] = start + first_col_[ow];
-      } else {
-        std::fill(best, best + n_, acc_t(0));
       }
+      int64_t rows = 0;
       for (int64_t h = h0; h < h1; h += g.dH) {
         const int64_t slot = reduce_row(plane, si, h);
         if constexpr (kMax) {
           max_rows(ring_.data() + slot * n_, ring_pos_.data() + slot * n_, n_, static_cast<int32_t>(h * g.W), best,
                    pos_.data());
         } else {
-          add_run(ring_.data() + slot * n_, n_, best);
+          runs_[rows++] = ring_.data() + slot * n_;
         }
       }
       if constexpr (kMax) {
@@ -570,8 +611,9 @@ class RowPhasePool {
       } else {
         const acc_t* f = scales + oh * g.OW;
         if (dense_out) {
-          store_product(best, f, g.OW, out + oh * so.h);
+          sum_runs(runs_.data(), rows, g.OW, f, out + oh * so.h);
         } else {
+          sum_runs<acc_t, acc_t>(runs_.data(), rows, n_, nullptr, best);
           for (int64_t ow = 0; ow < g.OW; ++ow) out[oh * so.h + ow * so.w] = static_cast<scalar_t>(best[ow] * f[ow]);
         }
       }
@@ -594,15 +636,19 @@ class RowPhasePool {
     const acc_t fill = kMax ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
     split_(plane + h * si.h, si.w, fill, phases_.data());
     acc_t* v = ring_.data() + slot * n_;
+    if constexpr (!kMax) {
+      for (int64_t kw = 0; kw < g.kW; ++kw) {
+        const int64_t tap = kw * g.dW;
+        tap_runs_[kw] = phases_.data() + (tap % g.sW) * L_ + tap / g.sW;
+      }
+      sum_runs<acc_t, acc_t>(tap_runs_.data(), g.kW, n_, nullptr, v);
+      return slot;
+    }
     std::fill(v, v + n_, fill);
     for (int64_t kw = 0; kw < g.kW; ++kw) {
       const int64_t tap = kw * g.dW;
       const acc_t* run = phases_.data() + (tap % g.sW) * L_ + tap / g.sW;
-      if constexpr (kMax) {
-        max_run(run, n_, static_cast<int32_t>(tap - g.pW), static_cast<int32_t>(g.sW), v, ring_pos_.data() + slot * n_);
-      } else {
-        add_run(run, n_, v);
-      }
+      max_run(run, n_, static_cast<int32_t>(tap - g.pW), static_cast<int32_t>(g.sW), v, ring_pos_.data() + slot * n_);
     }
     return slot;
   }
@@ -616,6 +662,8 @@ class RowPhasePool {
   std::vector<int32_t> ring_pos_;
   std::vector<int64_t> ring_row_;
   std::vector<acc_t> best_;
+  // average pooling: the ring rows of one output row, the phase runs of one ring row
+  std::vector<const acc_t*> runs_, tap_runs_;
   std::vector<int32_t> pos_, first_col_;
 };
 

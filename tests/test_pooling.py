@@ -28,6 +28,9 @@ MAX_CASES = [
     # NCHW rows split by stride phase: outputs across a 16-lane block, strides 3 and 2 with dilation
     ((1, 3, 5, 40), 3, 3, 1, 1, False),
     ((1, 2, 4, 70), (2, 5), (1, 2), (0, 2), (1, 3), True),
+    # stride 2 over dense rows: phases split by vector deinterleave, from an odd and an even padded column
+    ((1, 2, 5, 45), 3, 2, 1, 1, False),
+    ((2, 2, 4, 50), 2, 2, 0, 1, True),
 ]
 
 # (input shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
@@ -48,6 +51,8 @@ AVG_CASES = [
     ((2, 37, 7, 6), 3, 2, 1, True, False, None),  # channels_last kernels: a block of 32 channels and a tail
     ((1, 64, 5, 5), (2, 3), (1, 2), (1, 1), False, True, 7),
     ((1, 3, 5, 40), (2, 4), 3, (1, 2), True, False, None),  # NCHW row phases across a 16-lane block
+    ((1, 3, 6, 47), 3, 2, 1, False, True, None),  # stride 2, dense rows: the vector deinterleave
+    ((2, 2, 4, 66), 2, None, 0, True, False, None),
 ]
 
 
