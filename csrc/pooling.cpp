@@ -667,6 +667,73 @@ class RowPhasePool {
   std::vector<int32_t> pos_, first_col_;
 };
 
+// 2x2 windows with stride 2 and no padding, wholly inside the input (the common
+// downsampling layer), float and double, unit-stride rows: each output row reads its two
+// input rows once, split into even and odd columns by vector deinterleaves. The sums and
+// the max are taken in the general kernel's order (columns, then rows; a strictly larger
+// value or a NaN takes over), so results and indices are the same.
+bool pairs_2x2(const Geometry& g, const at::Tensor& input, std::initializer_list<const at::Tensor*> outs) {
+  bool ok = g.kH == 2 && g.kW == 2 && g.sH == 2 && g.sW == 2 && g.pH == 0 && g.pW == 0 && g.dH == 1 &&
+            g.dW == 1 && 2 * g.OH <= g.H && 2 * g.OW <= g.W && input.stride(3) == 1 &&
+            (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+  for (const at::Tensor* t : outs) ok = ok && t->stride(3) == 1;
+  return ok;
+}
+
+template <bool kMax>
+void pairs_2x2_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor* indices,
+                       const Geometry& g, bool count_include_pad, int64_t divisor_override) {
+  const Strides4 si(input), so(output), sx(indices ? *indices : output);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyops_pool2d_pairs", [&] {
+    using T = scalar_t;
+    using Vec = at::vec::Vectorized<T>;
+    constexpr int64_t VS = Vec::size();
+    const std::vector<T> scales = kMax ? std::vector<T>() : avg_scales<T>(g, count_include_pad, divisor_override);
+    const T* in = input.const_data_ptr<T>();
+    T* out = output.mutable_data_ptr<T>();
+    int64_t* idx = indices ? indices->mutable_data_ptr<int64_t>() : nullptr;
+    for_each_plane_rows(g, [&](int64_t n, int64_t c, int64_t oh0, int64_t oh1) {
+      const Geometry G = g;
+      const T* plane = in + n * si.n + c * si.c;
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const T* r0 = plane + 2 * oh * si.h;
+        const T* r1 = r0 + si.h;
+        T* orow = out + n * so.n + c * so.c + oh * so.h;
+        for (int64_t ow = 0; ow < G.OW; ow += VS) {
+          const int64_t cnt = std::min(VS, G.OW - ow);  // outputs; 2 * cnt inputs per row
+          const int64_t lo = std::min(VS, 2 * cnt), hi = 2 * cnt - lo;
+          const auto load_pair = [&](const T* row) {
+            return at::vec::deinterleave2(lo == VS ? Vec::loadu(row + 2 * ow) : Vec::loadu(row + 2 * ow, lo),
+                                          hi == VS ? Vec::loadu(row + 2 * ow + VS) : Vec::loadu(row + 2 * ow + VS, hi));
+          };
+          const auto [a, b] = load_pair(r0);
+          const auto [c2, d] = load_pair(r1);
+          if constexpr (kMax) {
+            Vec best = a, code(T(0));
+            const Vec cand[3] = {b, c2, d};
+            for (int k = 0; k < 3; ++k) {
+              const Vec take = (cand[k] > best) | (cand[k] != cand[k]);
+              best = Vec::blendv(best, cand[k], take);
+              code = Vec::blendv(code, Vec(T(k + 1)), take);
+            }
+            best.store(orow + ow, cnt);
+            alignas(64) T codes[VS];
+            code.store(codes);
+            int64_t* irow = idx + n * sx.n + c * sx.c + oh * sx.h;
+            for (int64_t j = 0; j < cnt; ++j) {
+              const int64_t k = static_cast<int64_t>(codes[j]);
+              irow[ow + j] = (2 * oh + (k >> 1)) * G.W + 2 * (ow + j) + (k & 1);
+            }
+          } else {
+            const Vec sum = ((a + b) + (c2 + d)) * Vec::loadu(scales.data() + oh * G.OW + ow, cnt);
+            sum.store(orow + ow, cnt);
+          }
+        }
+      }
+    });
+  });
+}
+
 // Run RowPhasePool over all planes; the workers' scratch is made once per chunk.
 template <bool kMax>
 void row_phase_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor* indices, const Geometry& g,
@@ -703,6 +770,10 @@ void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const
   if (nhwc_dense(input) && nhwc_dense(output) && nhwc_dense(indices) &&
       g.H * g.W <= std::numeric_limits<int32_t>::max()) {
     max_pool2d_forward_nhwc(input, output, indices, g);
+    return;
+  }
+  if (pairs_2x2(g, input, {&output, &indices})) {
+    pairs_2x2_forward<true>(input, output, &indices, g, false, 0);
     return;
   }
   if (use_row_phases(g)) {
@@ -888,6 +959,10 @@ void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::I
   const Geometry g = geometry(input, output, kernel, stride, padding, one);
   if (nhwc_dense(input) && nhwc_dense(output)) {
     avg_pool2d_forward_nhwc(input, output, g, count_include_pad, divisor_override);
+    return;
+  }
+  if (pairs_2x2(g, input, {&output})) {
+    pairs_2x2_forward<false>(input, output, nullptr, g, count_include_pad, divisor_override);
     return;
   }
   if (use_row_phases(g)) {
