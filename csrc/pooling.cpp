@@ -1043,7 +1043,13 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
       const Geometry G = g;
       const Strides4 SG = sg, SI = si;
       const bool dense_plane = SI.w == 1 && SI.h == G.W;
-      std::vector<acc_t> u(disjoint ? G.OH * G.OW + 1 : G.OH * G.W), row(G.W);
+      // u: one row per output row, each input column's sum of its windows' scaled gradients
+      // (+ a vector's slack: sum_runs reads whole vectors); vp: a row of scaled gradients
+      // between zeros, for stride 1
+      constexpr int64_t VS = at::vec::Vectorized<acc_t>::size();
+      std::vector<acc_t> u(disjoint ? G.OH * G.OW + 1 : G.OH * G.W + VS), row(G.W);
+      std::vector<acc_t> vp(G.sW == 1 ? std::max(G.OW, G.W + G.pW) + 2 * G.kW + VS : 0);
+      std::vector<const acc_t*> runs(std::max(G.kW, G.kH + 1));
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n = p / G.C, c = p % G.C;
         const scalar_t* gplane = go + n * SG.n + c * SG.c;
@@ -1063,8 +1069,20 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
           }
           continue;
         }
-        std::fill(u.begin(), u.end(), acc_t(0));
-        for (int64_t oh = 0; oh < G.OH; ++oh) {
+        if (G.sW == 1) {
+          // Stride 1: column w sums v[w + pW - kw] over kw, as shifted runs of the padded row
+          // added in increasing ow (the order of the general loop below), in registers.
+          for (int64_t oh = 0; oh < G.OH; ++oh) {
+            std::fill(vp.begin(), vp.end(), acc_t(0));
+            for (int64_t ow = 0; ow < G.OW; ++ow)
+              vp[G.kW - 1 + ow] = static_cast<acc_t>(gplane[oh * SG.h + ow * SG.w]) * scales[oh * G.OW + ow];
+            for (int64_t kw = 0; kw < G.kW; ++kw) runs[kw] = vp.data() + G.pW + kw;
+            sum_runs<acc_t, acc_t>(runs.data(), G.kW, G.W, nullptr, u.data() + oh * G.W);
+          }
+        } else {
+          std::fill(u.begin(), u.end(), acc_t(0));
+        }
+        for (int64_t oh = 0; oh < (G.sW == 1 ? 0 : G.OH); ++oh) {
           acc_t* __restrict ur = u.data() + oh * G.W;
           for (int64_t ow = 0; ow < G.OW; ++ow) {
             const acc_t v = static_cast<acc_t>(gplane[oh * SG.h + ow * SG.w]) * scales[oh * G.OW + ow];
@@ -1074,6 +1092,12 @@ void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_i
         }
         for (int64_t h = 0; h < G.H; ++h) {
           const Covering rows = covering(h, G.kH, G.sH, G.pH, 1, G.OH);
+          if (SI.w == 1) {  // the covering rows' sums, in increasing oh, in registers
+            int64_t count = 0;
+            for (int64_t oh = rows.lo; oh <= rows.hi; ++oh) runs[count++] = u.data() + oh * G.W;
+            sum_runs(runs.data(), count, G.W, static_cast<const acc_t*>(nullptr), plane + h * SI.h);
+            continue;
+          }
           acc_t* __restrict r = row.data();
           std::fill(r, r + G.W, acc_t(0));
           for (int64_t oh = rows.lo; oh <= rows.hi; ++oh) add_to(u.data() + oh * G.W, r, G.W, acc_t(1));

@@ -53,6 +53,9 @@ AVG_CASES = [
     ((1, 3, 5, 40), (2, 4), 3, (1, 2), True, False, None),  # NCHW row phases across a 16-lane block
     ((1, 3, 6, 47), 3, 2, 1, False, True, None),  # stride 2, dense rows: the vector deinterleave
     ((2, 2, 4, 66), 2, None, 0, True, False, None),
+    # stride 1 (overlapping windows): the backward's shifted-run column sums, across vectors
+    ((2, 3, 9, 37), 3, 1, 1, False, True, None),
+    ((1, 2, 6, 20), (2, 4), 1, (1, 2), True, False, None),
 ]
 
 
