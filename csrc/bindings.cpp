@@ -1,26 +1,16 @@
 // The one binding file of pyops._C: plain functions, wrapped as torch.library
 // custom operators on the Python side (pyops/ops/*).
 #include "common.h"
+#include "pooling.h"
 
 namespace pyops {
 void sigmoid_forward(const at::Tensor& x, const at::Tensor& y);
 void sigmoid_backward(const at::Tensor& grad_output, const at::Tensor& output,
                       const at::Tensor& grad_input);
+at::Tensor sigmoid_autograd(const at::Tensor& x);
 void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Tensor& seed_offset,
                    int64_t threshold, double scale);
 at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n);
-void max_pool2d_forward(const at::Tensor& input, const at::Tensor& output, const at::Tensor& indices,
-                        at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation);
-void max_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& indices, const at::Tensor& grad_input,
-                         at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation);
-void avg_pool2d_forward(const at::Tensor& input, const at::Tensor& output, at::IntArrayRef kernel,
-                        at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
-                        int64_t divisor_override);
-void avg_pool2d_backward(const at::Tensor& grad_output, const at::Tensor& grad_input, at::IntArrayRef kernel,
-                         at::IntArrayRef stride, at::IntArrayRef padding, bool count_include_pad,
-                         int64_t divisor_override);
 void conv2d_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                     int64_t groups, bool channels_last);
@@ -71,6 +61,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyops CPU kernels";
   m.def("sigmoid_forward", &pyops::sigmoid_forward, "sigmoid forward (CPU)");
   m.def("sigmoid_backward", &pyops::sigmoid_backward, "sigmoid backward (CPU)");
+  m.def("sigmoid_autograd", &pyops::sigmoid_autograd, "sigmoid as a C++ autograd node (CPU)");
   m.def("dropout_apply", &pyops::dropout_apply, "dropout forward/backward (CPU)");
   m.def("philox_blocks", &pyops::philox_blocks, "raw Philox4x32-10 blocks (CPU)");
   m.def("max_pool2d_forward", &pyops::max_pool2d_forward, "max_pool2d forward (CPU)");
@@ -93,6 +84,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "batch norm's second derivatives (tensor arithmetic, any device)");
   m.def("batch_norm_autograd", &pyops::batch_norm_autograd, "batch norm as a C++ autograd node (CPU)");
   m.def("conv2d_autograd", &pyops::conv2d_autograd, "conv2d / conv_transpose2d as a C++ autograd node (CPU)");
+  m.def("max_pool2d_autograd", &pyops::max_pool2d_autograd, "max_pool2d as a C++ autograd node (CPU)");
+  m.def("avg_pool2d_autograd", &pyops::avg_pool2d_autograd, "avg_pool2d as a C++ autograd node (CPU)");
   m.def("simd_level", []() {
 #if defined(CPU_CAPABILITY_AVX512)
     return "AVX512";

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "autograd.h"
 #include "common.h"
 
 namespace pyops {
@@ -60,5 +61,71 @@ void sigmoid_backward(const at::Tensor& grad_output, const at::Tensor& output,
     });
   });
 }
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The layouts the Python launchers give the kernels (pyops/_tensor.py): t when dense in
+// any dim order, else a contiguous copy; a gradient with the output's exact strides.
+at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+
+at::Tensor with_strides(const at::Tensor& t, at::IntArrayRef strides) {
+  if (t.strides() == strides) return t;
+  return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
+}
+
+at::Tensor sigmoid_out(const at::Tensor& input) {
+  const at::Tensor x = dense(input);
+  at::Tensor y = at::empty_like(x);
+  sigmoid_forward(x, y);
+  return y;
+}
+
+at::Tensor sigmoid_grad_out(const at::Tensor& grad, const at::Tensor& output) {
+  const at::Tensor y = dense(output);
+  at::Tensor dx = at::empty_like(y);
+  sigmoid_backward(with_strides(grad, y.strides()), y, dx);
+  return dx;
+}
+
+// grad_input = g * y * (1 - y) as a function of (g, y), SigmoidNode's backward under
+// create_graph: d/dg is the same kernel on the incoming gradient, d/dy = gg * g * (1 - 2y)
+// tensor arithmetic (differentiable in turn), as SigmoidBackwardFunction in Python.
+struct SigmoidGradNode : public torch::autograd::Function<SigmoidGradNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& output) {
+    ctx->save_for_backward({grad, output});
+    return sigmoid_grad_out(grad, output);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &grad = saved[0], &output = saved[1], &gg = grads[0];
+    variable_list out(2);
+    if (ctx->needs_input_grad(0)) out[0] = SigmoidGradNode::apply(gg, output);
+    if (ctx->needs_input_grad(1)) out[1] = gg * grad * (1 - 2 * output);
+    return out;
+  }
+};
+
+// Sigmoid as a C++ autograd node (see autograd.h); saves only its output.
+struct SigmoidNode : public torch::autograd::Function<SigmoidNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x) {
+    at::Tensor y = sigmoid_out(x);
+    ctx->save_for_backward({y});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor output = ctx->get_saved_variables()[0];
+    if (at::GradMode::is_enabled()) return {SigmoidGradNode::apply(grads[0], output)};
+    return {sigmoid_grad_out(grads[0], output)};
+  }
+};
+
+}  // namespace
+
+at::Tensor sigmoid_autograd(const at::Tensor& x) { return SigmoidNode::apply(x); }
 
 }  // namespace pyops

@@ -7,13 +7,14 @@ import torch
 from torch import Tensor
 
 from . import _conv, _pool
-from ._library import apply_function, plain_eager
+from ._library import plain_eager
 from .ops.batch_norm import batch_norm as _batch_norm
 from .ops.conv import Conv2dFunction, ConvTranspose2dFunction
 from .ops.conv import conv as _conv_op
 from .ops.dropout import DropoutFunction, draw_seed_offset
-from .ops.pooling import AvgPool2dFunction, MaxPool2dFunction
-from .ops.sigmoid import SigmoidFunction
+from .ops.pooling import avg_pool2d as _avg_pool_op
+from .ops.pooling import max_pool2d as _max_pool_op
+from .ops.sigmoid import sigmoid as _sigmoid_op
 
 __all__ = ["avg_pool2d", "batch_norm", "conv2d", "conv_transpose2d", "dropout", "max_pool2d", "sigmoid"]
 
@@ -38,7 +39,7 @@ def sigmoid(input: Tensor) -> Tensor:
         raise RuntimeError(f"sigmoid(): pyops has no complex kernels, got {input.dtype}")
     if not input.is_floating_point():
         input = input.to(torch.get_default_dtype())
-    return apply_function(SigmoidFunction, input)
+    return _sigmoid_op(input)
 
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
@@ -67,9 +68,9 @@ def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode, fn, max
     stride = kernel if empty_stride else _pool.pair(stride, "stride", fn)
     padding = _pool.pair(padding, "padding", fn)
     dilation = _pool.pair(dilation, "dilation", fn)
-    _pool.check_geometry(input, kernel, stride, padding, dilation, ceil_mode, fn, max_pool)
+    out_hw = _pool.check_geometry(input, kernel, stride, padding, dilation, ceil_mode, fn, max_pool)
     batched = input if input.dim() == 4 else input.unsqueeze(0)
-    return batched, list(kernel), list(stride), list(padding), list(dilation)
+    return batched, list(kernel), list(stride), list(padding), list(dilation), list(out_hw)
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -80,9 +81,9 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     indices flat in each H*W plane (what torch.nn.MaxUnpool2d takes). NaN propagates
     and ties pick the first maximum in the window, as in torch.
     """
-    x, kernel, stride, padding, dilation = _pool_args(input, kernel_size, stride, padding, dilation,
-                                                      bool(ceil_mode), "max_pool2d", True)
-    out, indices = apply_function(MaxPool2dFunction, x, (kernel, stride, padding, dilation, bool(ceil_mode)))
+    x, kernel, stride, padding, dilation, out_hw = _pool_args(input, kernel_size, stride, padding, dilation,
+                                                              bool(ceil_mode), "max_pool2d", True)
+    out, indices = _max_pool_op(x, (kernel, stride, padding, dilation, bool(ceil_mode)), out_hw)
     if input.dim() == 3:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -97,10 +98,10 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     """
     if divisor_override is not None and divisor_override == 0:
         raise RuntimeError("avg_pool2d: divisor must be not zero")
-    x, kernel, stride, padding, _ = _pool_args(input, kernel_size, stride, padding, 1, bool(ceil_mode),
-                                               "avg_pool2d", False)
+    x, kernel, stride, padding, _, out_hw = _pool_args(input, kernel_size, stride, padding, 1, bool(ceil_mode),
+                                                       "avg_pool2d", False)
     geometry = (kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), int(divisor_override or 0))
-    out = apply_function(AvgPool2dFunction, x, geometry)
+    out = _avg_pool_op(x, geometry, out_hw)
     return out.squeeze(0) if input.dim() == 3 else out
 
 

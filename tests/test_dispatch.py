@@ -159,7 +159,8 @@ def test_eager_shortcut_keeps_operators_visible_to_modes(name):
 
 
 @pytest.mark.parametrize("name,node", [("batch_norm", "BatchNormNode"), ("conv2d", "ConvNode"),
-                                       ("conv_transpose2d", "ConvNode")])
+                                       ("conv_transpose2d", "ConvNode"), ("max_pool2d", "MaxPoolNode"),
+                                       ("avg_pool2d", "AvgPoolNode"), ("sigmoid", "SigmoidNode")])
 def test_cpu_calls_needing_gradients_build_the_cpp_node(name, node):
     """Plain eager CPU calls that need a gradient record one C++ autograd node (csrc/autograd.h),
     not the Python Function; an empty conv input still takes the Function, and under a
@@ -170,11 +171,18 @@ def test_cpu_calls_needing_gradients_build_the_cpp_node(name, node):
         "batch_norm": lambda t, train: pyops.functional.batch_norm(t, torch.zeros(3), torch.ones(3), training=train),
         "conv2d": lambda t, train: pyops.functional.conv2d(t, w, torch.zeros(3) if train else None),
         "conv_transpose2d": lambda t, train: pyops.functional.conv_transpose2d(t, w, stride=2),
+        "max_pool2d": lambda t, train: pyops.functional.max_pool2d(t, 3, 2 if train else 1, padding=1),
+        "avg_pool2d": lambda t, train: pyops.functional.avg_pool2d(t, 3, 2, padding=1, count_include_pad=train),
+        "sigmoid": lambda t, train: pyops.functional.sigmoid(t if train else t.transpose(1, 3)),
     }
     for train in (True, False):
         y = calls[name](torch.randn(2, 3, 6, 6, requires_grad=True), train)
         assert node in y.grad_fn.name(), y.grad_fn.name()
-    if name != "batch_norm":
+    if triton_interpreted():
+        with pyops.backend("triton"):  # CPU tensors on the Triton backend (interpreter): the Function
+            y = calls[name](torch.randn(2, 3, 6, 6, requires_grad=True), True)
+            assert node not in y.grad_fn.name(), y.grad_fn.name()
+    if name in ("conv2d", "conv_transpose2d"):
         y = calls[name](torch.randn(0, 3, 6, 6, requires_grad=True), True)
         assert "Function" in y.grad_fn.name() and node not in y.grad_fn.name(), y.grad_fn.name()
 

@@ -14,6 +14,8 @@ from torch.autograd import gradcheck, gradgradcheck
 import pyops
 import pyops.ops.batch_norm
 import pyops.ops.conv
+import pyops.ops.pooling
+import pyops.ops.sigmoid
 from conftest import BACKEND_CASES
 from pyops._dispatch import triton_interpreted
 
@@ -67,10 +69,10 @@ def _inputs(shapes, device, channels_last=False):
 
 
 def _force_functions(monkeypatch):
-    """CPU convs and batch norms that need gradients record the C++ nodes; this makes them take
-    the Python Functions."""
-    monkeypatch.setattr(pyops.ops.conv, "builds_cpp_node", lambda *a: False)
-    monkeypatch.setattr(pyops.ops.batch_norm, "builds_cpp_node", lambda *a: False)
+    """CPU convs, batch norms, poolings and sigmoids that need gradients record the C++ nodes;
+    this makes them take the Python Functions."""
+    for module in (pyops.ops.conv, pyops.ops.batch_norm, pyops.ops.pooling, pyops.ops.sigmoid):
+        monkeypatch.setattr(module, "builds_cpp_node", lambda *a: False)
 
 
 # (backend, device, conv path): the C++ node or the Python Functions (both exist on the cpp backend)
@@ -81,8 +83,8 @@ PATHS += [(b, d, "function") for b, d in BACKEND_CASES if b == "triton"]
 def _gradgradcheck_params():
     for backend, device, path in PATHS:
         for name in sorted(TRITON_CASES if triton_interpreted() and backend == "triton" else CASES):
-            if path == "function" and backend == "cpp" and not name.startswith(("conv", "batch_norm")):
-                continue  # the node / Function choice concerns convolutions and batch norm only
+            if path == "function" and backend == "cpp" and name.startswith("dropout"):
+                continue  # dropout has no C++ node: one path
             yield pytest.param(backend, device, path, name, id=f"{backend}-{device}-{path}-{name}")
 
 
@@ -152,6 +154,38 @@ def test_conv_third_derivative_matches_torch(path, transposed, monkeypatch):
         actual = third(ours)
     for a, e in zip(actual, third(theirs)):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-8)  # values ~1e3: summation order
+
+
+THIRD_ORDER = {
+    "sigmoid": (pyops.functional.sigmoid, torch.sigmoid),
+    "avg_pool2d": (lambda t: pyops.functional.avg_pool2d(t, 3, 2, padding=1, count_include_pad=False),
+                   lambda t: F.avg_pool2d(t, 3, 2, padding=1, count_include_pad=False)),
+    "max_pool2d": (lambda t: pyops.functional.max_pool2d(t, 3, 1, padding=1),
+                   lambda t: F.max_pool2d(t, 3, 1, padding=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(THIRD_ORDER))
+@pytest.mark.parametrize("path", ["cpp_node", "function"])
+def test_elementwise_and_pooling_third_derivative_matches_torch(path, name, monkeypatch):
+    """Sigmoid and pooling backwards differentiate to any order (C++ nodes and Functions alike):
+    a third derivative, through a nonlinearity after the op so that each order is non-zero,
+    equals torch's."""
+    if path == "function":
+        _force_functions(monkeypatch)
+    ours, theirs = THIRD_ORDER[name]
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+
+    def third(op):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(op(xi).pow(3).sum(), xi, create_graph=True)
+        (gg,) = torch.autograd.grad(op(g).pow(3).sum(), xi, create_graph=True)
+        return torch.autograd.grad(op(gg).sin().sum(), xi)[0]
+
+    with pyops.backend("cpp"):
+        actual = third(ours)
+    torch.testing.assert_close(actual, third(theirs), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("path", ["cpp_node", "function"])

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import apply_function, op
+from .._library import apply_function, builds_cpp_node, op
 from .._tensor import dense, with_strides
 from ._launch import launch_elementwise
 
@@ -95,3 +95,11 @@ class SigmoidBackwardFunction(torch.autograd.Function):
         d_grad = apply_function(SigmoidBackwardFunction, gg, output) if ctx.needs_input_grad[0] else None
         d_output = gg * grad_output * (1 - 2 * output) if ctx.needs_input_grad[1] else None
         return d_grad, d_output
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    """``SigmoidFunction`` on a floating-point ``x`` or, where ``builds_cpp_node`` says so, its
+    C++ twin ``sigmoid_autograd`` (same kernels)."""
+    if builds_cpp_node((x,), (x,)):
+        return cpp_extension().sigmoid_autograd(x)
+    return apply_function(SigmoidFunction, x)
