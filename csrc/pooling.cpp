@@ -486,27 +486,35 @@ constexpr int64_t kLanes = 16;
 
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// best/pos over n outputs against candidates v[i] at positions base + i * step.
+// best/pos over n outputs against candidates v[i] at positions base + i * step. The
+// positions are the block's first plus a 32-bit lane offset: from the 64-bit i, GCC
+// assembled each block's lane indices from scalars (twenty instructions per vector).
 template <typename acc_t>
 inline void max_run(const acc_t* __restrict v, int64_t n, int32_t base, int32_t step, acc_t* __restrict best,
                     int32_t* __restrict pos) {
-  for (int64_t i0 = 0; i0 < n; i0 += kLanes)
-    for (int64_t i = i0; i < i0 + kLanes; ++i) {
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    const int32_t first = base + static_cast<int32_t>(i0) * step;
+    for (int32_t j = 0; j < kLanes; ++j) {
+      const int64_t i = i0 + j;
       const bool take = (v[i] > best[i]) | (v[i] != v[i]);
       best[i] = take ? v[i] : best[i];
-      pos[i] = take ? base + static_cast<int32_t>(i) * step : pos[i];
+      pos[i] = take ? first + j * step : pos[i];
     }
+  }
 }
 
-// best/pos over n outputs against candidates v[i] at positions base + at[i].
+// best/pos over n outputs against candidates v[i] at positions base + at[i]. at[i] is read
+// whether or not it is taken: as `take ? base + at[i] : pos[i]`, GCC made it a masked load
+// merging into a register it kept on the stack, a store-to-load chain through every block.
 template <typename acc_t>
 inline void max_rows(const acc_t* __restrict v, const int32_t* __restrict at, int64_t n, int32_t base,
                      acc_t* __restrict best, int32_t* __restrict pos) {
   for (int64_t i0 = 0; i0 < n; i0 += kLanes)
     for (int64_t i = i0; i < i0 + kLanes; ++i) {
+      const int32_t cand = base + at[i];
       const bool take = (v[i] > best[i]) | (v[i] != v[i]);
       best[i] = take ? v[i] : best[i];
-      pos[i] = take ? base + at[i] : pos[i];
+      pos[i] = take ? cand : pos[i];
     }
 }
 
