@@ -32,11 +32,17 @@ LIBRARY = torch.library.Library("pyops", "DEF")
 
 _len_dispatch_modes = torch._C._len_torch_dispatch_stack
 _has_torch_function = torch._C._has_torch_function
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def plain_eager(args: tuple) -> bool:
-    """True when calling an implementation directly is what the dispatcher would do."""
-    return not (torch.compiler.is_compiling() or _len_dispatch_modes() or _has_torch_function(args))
+    """True when calling an implementation directly is what the dispatcher would do.
+
+    Not under torch.func transforms (vmap, grad, ...): their wrapped tensors have no
+    storage for a kernel to read; through ``torch.ops.pyops`` the dispatcher runs vmap's
+    fallback (the op per batch entry) and grad's own autograd."""
+    return not (torch.compiler.is_compiling() or _len_dispatch_modes() or _has_torch_function(args)
+                or _functorch_active())
 
 
 def op(schema: str) -> Callable:

@@ -224,3 +224,27 @@ def test_no_autograd_node_without_grad(name, monkeypatch):
     assert torch.equal(plain, with_graph.detach()) and torch.equal(no_grad, plain)
     if name == "batch_norm":  # both calls moved the running mean as the first did: 0.1 m, then 0.9 * 0.1 m + 0.1 m
         assert torch.allclose(rm, rm_graph * 1.9, rtol=1e-6)
+
+
+VMAP_CALLS = {
+    "sigmoid": (pyops.functional.sigmoid, torch.sigmoid),
+    "avg_pool2d": (lambda t: pyops.functional.avg_pool2d(t, 2, padding=1),
+                   lambda t: torch.nn.functional.avg_pool2d(t, 2, padding=1)),
+    "max_pool2d": (lambda t: pyops.functional.max_pool2d(t, 3, 2), lambda t: torch.nn.functional.max_pool2d(t, 3, 2)),
+    "conv2d": (lambda t: pyops.functional.conv2d(t, torch.linspace(-1, 1, 54).view(3, 2, 3, 3)),
+               lambda t: torch.nn.functional.conv2d(t, torch.linspace(-1, 1, 54).view(3, 2, 3, 3))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VMAP_CALLS))
+def test_functorch_transforms_take_the_operators(name):
+    """Under torch.func transforms the calls go through torch.ops.pyops (their wrapped tensors
+    have no storage for a kernel): vmap runs the dispatcher's per-sample fallback and equals
+    torch's; torch.func.grad, which needs setup_context Functions, raises a RuntimeError
+    instead of reading a wrapped tensor's data."""
+    ours, theirs = VMAP_CALLS[name]
+    x = torch.randn(3, 2, 5, 6)
+    with pyops.backend("cpp"):
+        torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
+        with pytest.raises(RuntimeError, match="setup_context"):
+            torch.func.grad(lambda t: ours(t).sum())(x)
