@@ -111,4 +111,10 @@ def builds_cpp_node(differentiable: tuple, tensors: tuple) -> bool:
     Without gradients ``apply_function``'s shortcut costs about what the node would.
     """
     return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-            and plain_eager(tensors) and select(*tensors) == "cpp")
+            and runs_cpp_eagerly(tensors))
+
+
+def runs_cpp_eagerly(tensors: tuple) -> bool:
+    """Whether a call is plain eager on the C++ backend: where an op whose C++ node costs no
+    more than its Function's bare forward takes the node with or without gradients."""
+    return plain_eager(tensors) and select(*tensors) == "cpp"

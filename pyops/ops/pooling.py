@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import apply_function, builds_cpp_node, op
+from .._library import apply_function, op, runs_cpp_eagerly
 from .._pool import is_channels_last, output_size
 from ._launch import INT32_LIMIT, dividers, launch_elementwise, needs_int64
 
@@ -246,19 +246,20 @@ class AvgPool2dBackwardFunction(torch.autograd.Function):
 
 
 def max_pool2d(x: Tensor, args, out_hw: list[int]) -> tuple[Tensor, Tensor]:
-    """(output, indices): ``MaxPool2dFunction`` on a checked 4-D ``x`` or, where
-    ``builds_cpp_node`` says so, its C++ twin ``max_pool2d_autograd`` (same kernels).
+    """(output, indices): ``MaxPool2dFunction`` on a checked 4-D ``x`` or, in plain eager mode
+    on the C++ backend, its C++ twin ``max_pool2d_autograd`` (same kernels; it records a node
+    only when ``x`` needs a gradient, and costs less than the Function's bare forward).
     ``out_hw`` is the output size the checks computed (pyops/_pool.py)."""
-    if builds_cpp_node((x,), (x,)):
+    if runs_cpp_eagerly((x,)):
         kernel, stride, padding, dilation, _ = args
         return cpp_extension().max_pool2d_autograd(x, kernel, stride, padding, dilation, out_hw, is_channels_last(x))
     return apply_function(MaxPool2dFunction, x, args)
 
 
 def avg_pool2d(x: Tensor, args, out_hw: list[int]) -> Tensor:
-    """``AvgPool2dFunction`` on a checked 4-D ``x`` or, where ``builds_cpp_node`` says so, its
-    C++ twin ``avg_pool2d_autograd`` (same kernels); ``out_hw`` as for max_pool2d."""
-    if builds_cpp_node((x,), (x,)):
+    """``AvgPool2dFunction`` on a checked 4-D ``x`` or, as for max_pool2d, its C++ twin
+    ``avg_pool2d_autograd`` (same kernels); ``out_hw`` as for max_pool2d."""
+    if runs_cpp_eagerly((x,)):
         kernel, stride, padding, _, count_include_pad, divisor_override = args
         return cpp_extension().avg_pool2d_autograd(x, kernel, stride, padding, out_hw, count_include_pad,
                                                    divisor_override, is_channels_last(x))

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import apply_function, builds_cpp_node, op
+from .._library import apply_function, op, runs_cpp_eagerly
 from .._tensor import dense, with_strides
 from ._launch import launch_elementwise
 
@@ -98,8 +98,9 @@ class SigmoidBackwardFunction(torch.autograd.Function):
 
 
 def sigmoid(x: Tensor) -> Tensor:
-    """``SigmoidFunction`` on a floating-point ``x`` or, where ``builds_cpp_node`` says so, its
-    C++ twin ``sigmoid_autograd`` (same kernels)."""
-    if builds_cpp_node((x,), (x,)):
+    """``SigmoidFunction`` on a floating-point ``x`` or, in plain eager mode on the C++ backend,
+    its C++ twin ``sigmoid_autograd`` (same kernels; it records a node only when ``x`` needs a
+    gradient, and costs less than the Function's bare forward)."""
+    if runs_cpp_eagerly((x,)):
         return cpp_extension().sigmoid_autograd(x)
     return apply_function(SigmoidFunction, x)
