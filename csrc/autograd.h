@@ -10,6 +10,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
+#include <vector>
+
 namespace pyops {
 
 // Runs a backward body under no_grad; when the backward's own graph is being recorded
@@ -37,5 +39,8 @@ torch::autograd::variable_list once_differentiable(const torch::autograd::variab
 
 // needs_input_grad counts only the tensor arguments given: the index of an optional one.
 inline int64_t given(const c10::optional<at::Tensor>& t) { return int64_t{t.has_value() && t->defined()}; }
+
+// (H, W) of an (N, C, H, W) tensor: the output size a node saves or passes to its gradient's node.
+inline std::vector<int64_t> hw_of(const at::Tensor& t) { return {t.size(2), t.size(3)}; }
 
 }  // namespace pyops

@@ -1693,8 +1693,6 @@ struct ConvConf {
   }
 };
 
-std::vector<int64_t> hw_of(const at::Tensor& t) { return {t.size(2), t.size(3)}; }
-
 // conv2d (transposed = false) or conv_transpose2d as a C++ autograd node (see autograd.h),
 // with the same entries as Conv2dFunction / ConvTranspose2dFunction: conv_transpose2d's
 // forward is conv2d's input gradient, its input gradient conv2d's forward and its weight

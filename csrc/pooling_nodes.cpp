@@ -61,8 +61,6 @@ std::vector<int64_t> pooled_sizes(const at::Tensor& x, const std::vector<int64_t
   return {x.size(0), x.size(1), out_hw[0], out_hw[1]};
 }
 
-std::vector<int64_t> hw_of(const at::Tensor& t) { return {t.size(2), t.size(3)}; }
-
 at::Tensor avg_forward(const at::Tensor& x, const PoolConf& c, const std::vector<int64_t>& out_hw) {
   at::Tensor y = c.empty(pooled_sizes(x, out_hw), x, x.scalar_type());
   if (y.numel() > 0) avg_pool2d_forward(x, y, c.kernel, c.stride, c.padding, c.count_include_pad, c.divisor_override);
