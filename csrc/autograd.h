@@ -40,6 +40,10 @@ torch::autograd::variable_list once_differentiable(const torch::autograd::variab
 // needs_input_grad counts only the tensor arguments given: the index of an optional one.
 inline int64_t given(const c10::optional<at::Tensor>& t) { return int64_t{t.has_value() && t->defined()}; }
 
+// Whether a call on input x records a node: the C++ entries that also serve calls without
+// gradients run their kernels directly otherwise (no node built, no geometry saved).
+inline bool records_node(const at::Tensor& x) { return at::GradMode::is_enabled() && x.requires_grad(); }
+
 // (H, W) of an (N, C, H, W) tensor: the output size a node saves or passes to its gradient's node.
 inline std::vector<int64_t> hw_of(const at::Tensor& t) { return {t.size(2), t.size(3)}; }
 

@@ -13,6 +13,7 @@
 // window's argmax (a gather by the saved indices).
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <tuple>
 #include <utility>
 
 #include "autograd.h"
@@ -61,7 +62,17 @@ std::vector<int64_t> pooled_sizes(const at::Tensor& x, const std::vector<int64_t
   return {x.size(0), x.size(1), out_hw[0], out_hw[1]};
 }
 
+std::tuple<at::Tensor, at::Tensor> max_forward(const at::Tensor& x, const PoolConf& c,
+                                               const std::vector<int64_t>& out_hw) {
+  TORCH_CHECK(x.dim() == 4 && out_hw.size() == 2, "max_pool2d: 4-D input expected");
+  const std::vector<int64_t> sizes = pooled_sizes(x, out_hw);
+  at::Tensor y = c.empty(sizes, x, x.scalar_type()), idx = c.empty(sizes, x, at::kLong);
+  if (y.numel() > 0) max_pool2d_forward(x, y, idx, c.kernel, c.stride, c.padding, c.dilation);
+  return {y, idx};
+}
+
 at::Tensor avg_forward(const at::Tensor& x, const PoolConf& c, const std::vector<int64_t>& out_hw) {
+  TORCH_CHECK(x.dim() == 4 && out_hw.size() == 2, "avg_pool2d: 4-D input expected");
   at::Tensor y = c.empty(pooled_sizes(x, out_hw), x, x.scalar_type());
   if (y.numel() > 0) avg_pool2d_forward(x, y, c.kernel, c.stride, c.padding, c.count_include_pad, c.divisor_override);
   return y;
@@ -92,7 +103,6 @@ struct AvgPoolGradNode : public torch::autograd::Function<AvgPoolGradNode> {
 struct AvgPoolNode : public torch::autograd::Function<AvgPoolNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const PoolConf& conf,
                             std::vector<int64_t> out_hw) {
-    TORCH_CHECK(x.dim() == 4 && out_hw.size() == 2, "avg_pool2d: 4-D input expected");
     conf.save(ctx);
     ctx->saved_data["input_size"] = x.sizes().vec();
     return avg_forward(x, conf, out_hw);
@@ -144,10 +154,8 @@ struct MaxPoolGradNode : public torch::autograd::Function<MaxPoolGradNode> {
 struct MaxPoolNode : public torch::autograd::Function<MaxPoolNode> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const PoolConf& conf,
                                std::vector<int64_t> out_hw) {
-    TORCH_CHECK(x.dim() == 4 && out_hw.size() == 2, "max_pool2d: 4-D input expected");
-    const std::vector<int64_t> sizes = pooled_sizes(x, out_hw);
-    at::Tensor y = conf.empty(sizes, x, x.scalar_type()), idx = conf.empty(sizes, x, at::kLong);
-    if (y.numel() > 0) max_pool2d_forward(x, y, idx, conf.kernel, conf.stride, conf.padding, conf.dilation);
+    at::Tensor y, idx;
+    std::tie(y, idx) = max_forward(x, conf, out_hw);
     ctx->mark_non_differentiable({idx});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({idx});
@@ -173,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_autograd(const at::Tensor& x, std:
                                                        std::vector<int64_t> dilation, std::vector<int64_t> out_hw,
                                                        bool channels_last) {
   const PoolConf conf{std::move(kernel), std::move(stride), std::move(padding), std::move(dilation), channels_last};
+  if (!records_node(x)) return max_forward(x, conf, out_hw);
   const variable_list out = MaxPoolNode::apply(x, conf, std::move(out_hw));
   return {out[0], out[1]};
 }
@@ -182,6 +191,7 @@ at::Tensor avg_pool2d_autograd(const at::Tensor& x, std::vector<int64_t> kernel,
                                int64_t divisor_override, bool channels_last) {
   const PoolConf conf{std::move(kernel), std::move(stride), std::move(padding), {1, 1}, channels_last,
                       count_include_pad, divisor_override};
+  if (!records_node(x)) return avg_forward(x, conf, out_hw);
   return AvgPoolNode::apply(x, conf, std::move(out_hw));
 }
 

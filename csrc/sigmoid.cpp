@@ -126,6 +126,6 @@ struct SigmoidNode : public torch::autograd::Function<SigmoidNode> {
 
 }  // namespace
 
-at::Tensor sigmoid_autograd(const at::Tensor& x) { return SigmoidNode::apply(x); }
+at::Tensor sigmoid_autograd(const at::Tensor& x) { return records_node(x) ? SigmoidNode::apply(x) : sigmoid_out(x); }
 
 }  // namespace pyops

@@ -108,7 +108,8 @@ def builds_cpp_node(differentiable: tuple, tensors: tuple) -> bool:
     (tracers and modes must see the operators) and ``tensors`` run on the C++ backend:
     the node runs the same C++ entries as the Function without its per-call cost
     (Function.apply, a Python graph node, the operator layer: ~50-80 us per layer).
-    Without gradients ``apply_function``'s shortcut costs about what the node would.
+    Without gradients ``apply_function``'s shortcut costs about what a conv or batch-norm
+    node would (pooling and sigmoid take their C++ entry either way: ``runs_cpp_eagerly``).
     """
     return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
             and runs_cpp_eagerly(tensors))
