@@ -1,15 +1,19 @@
-// Shared by the C++ autograd nodes (batch norm, convolution): what Python's
-// torch.autograd.function.once_differentiable does for a Python Function.
+// Shared by the C++ autograd nodes (convolution, batch norm, pooling, sigmoid): what
+// Python's torch.autograd.function.once_differentiable does for a Python Function, and
+// when an entry records its node.
 //
 // The nodes exist for CPU calls in plain eager mode that need gradients: the same C++
 // entries the Python Functions call through pyops' operators, without the Python
 // Function's per-call cost (Function.apply, a Python graph node, the operator layer).
-// CUDA tensors, tracing, dispatch modes and no-grad calls keep the Python Functions.
+// The same entries serve plain-eager CPU calls without gradients, running the kernels
+// directly. CUDA tensors, the Triton backend, tracing and dispatch modes keep the Python
+// Functions.
 #pragma once
 
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 
+#include <initializer_list>
 #include <vector>
 
 namespace pyops {
@@ -43,6 +47,14 @@ inline int64_t given(const c10::optional<at::Tensor>& t) { return int64_t{t.has_
 // Whether a call on input x records a node: the C++ entries that also serve calls without
 // gradients run their kernels directly otherwise (no node built, no geometry saved).
 inline bool records_node(const at::Tensor& x) { return at::GradMode::is_enabled() && x.requires_grad(); }
+
+// The same for a call with several differentiable inputs (undefined ones: absent arguments).
+inline bool records_node(std::initializer_list<at::Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const auto& t : inputs)
+    if (t.defined() && t.requires_grad()) return true;
+  return false;
+}
 
 // (H, W) of an (N, C, H, W) tensor: the output size a node saves or passes to its gradient's node.
 inline std::vector<int64_t> hw_of(const at::Tensor& t) { return {t.size(2), t.size(3)}; }

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -1120,20 +1121,8 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
                             const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
                             bool channels_last) {
     at::Tensor y3, mean, var, count;
-    if (training) {
-      at::Tensor stats;
-      std::tie(y3, stats) =
-          batch_norm_train_forward(x3, running_mean, running_var, weight, bias, momentum, eps, channels_last);
-      count = stats.select(0, 0);
-      mean = stats.select(0, 1);
-      var = stats.select(0, 2);
-    } else {
-      TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "running stats must be given in eval mode");
-      mean = *running_mean;
-      var = *running_var;
-      y3 = empty_like_view(x3);
-      batch_norm_apply(x3, y3, mean, var, weight, bias, eps, channels_last);
-    }
+    std::tie(y3, mean, var, count) =
+        output(x3, running_mean, running_var, weight, bias, training, momentum, eps, channels_last);
     ctx->save_for_backward({x3, weight.value_or(at::Tensor()), mean, var, count, x});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["channels_last"] = channels_last;
@@ -1143,6 +1132,24 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     ctx->saved_data["weight_edge"] = given(weight) ? w_edge : int64_t{-1};
     ctx->saved_data["bias_edge"] = given(bias) ? w_edge + given(weight) : int64_t{-1};
     return y3.view(x.sizes());
+  }
+
+  // (y3, mean, var, count) of the forward: batch statistics and count (training, running
+  // stats updated) or the running statistics and an undefined count (eval).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> output(
+      const at::Tensor& x3, const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, bool training, double momentum,
+      double eps, bool channels_last) {
+    if (training) {
+      at::Tensor y3, stats;
+      std::tie(y3, stats) =
+          batch_norm_train_forward(x3, running_mean, running_var, weight, bias, momentum, eps, channels_last);
+      return {y3, stats.select(0, 1), stats.select(0, 2), stats.select(0, 0)};
+    }
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(), "running stats must be given in eval mode");
+    at::Tensor y3 = empty_like_view(x3);
+    batch_norm_apply(x3, y3, *running_mean, *running_var, weight, bias, eps, channels_last);
+    return {y3, *running_mean, *running_var, at::Tensor()};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -1179,7 +1186,13 @@ at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const 
                                const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
                                bool channels_last) {
-  return BatchNormNode::apply(x, x3, running_mean, running_var, weight, bias, training, momentum, eps, channels_last);
+  if (records_node({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())}))
+    return BatchNormNode::apply(x, x3, running_mean, running_var, weight, bias, training, momentum, eps,
+                                channels_last);
+  const at::Tensor y3 =
+      std::get<0>(BatchNormNode::output(x3, running_mean, running_var, weight, bias, training, momentum, eps,
+                                        channels_last));
+  return y3.view(x.sizes());
 }
 
 }  // namespace pyops

@@ -1708,20 +1708,23 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
                             const c10::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                             std::vector<int64_t> out_hw, bool channels_last, bool transposed) {
-    TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && out_hw.size() == 2, "conv: 4-D input and weight expected");
     const ConvConf conf{std::move(stride), std::move(padding), std::move(dilation), groups, channels_last};
-    at::Tensor y;
-    if (transposed) {
-      y = at::empty({x.size(0), w.size(1) * groups, out_hw[0], out_hw[1]}, conf.layout(x));
-      conv2d_input_grad(x, w, bias, y, conf.stride, conf.padding, conf.dilation, groups, channels_last);
-    } else {
-      y = at::empty({x.size(0), w.size(0), out_hw[0], out_hw[1]}, conf.layout(x));
-      conv2d_forward(x, w, bias, y, conf.stride, conf.padding, conf.dilation, groups, channels_last);
-    }
+    const at::Tensor y = output(x, w, bias, conf, out_hw, transposed);
     ctx->save_for_backward({x, w});
     conf.save(ctx);
     ctx->saved_data["transposed"] = transposed;
     ctx->saved_data["has_bias"] = static_cast<bool>(given(bias));
+    return y;
+  }
+
+  // conv2d(x, w) + bias, or conv_transpose2d, in the layout conf asks for.
+  static at::Tensor output(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                           const ConvConf& conf, const std::vector<int64_t>& out_hw, bool transposed) {
+    TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && out_hw.size() == 2, "conv: 4-D input and weight expected");
+    at::Tensor y = at::empty({x.size(0), transposed ? w.size(1) * conf.groups : w.size(0), out_hw[0], out_hw[1]},
+                             conf.layout(x));
+    (transposed ? conv2d_input_grad : conv2d_forward)(x, w, bias, y, conf.stride, conf.padding, conf.dilation,
+                                                      conf.groups, conf.channels_last);
     return y;
   }
 
@@ -1816,7 +1819,10 @@ variable_list ConvNode::backward(AutogradContext* ctx, variable_list grads) {
 at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                            int64_t groups, std::vector<int64_t> out_hw, bool channels_last, bool transposed) {
-  return ConvNode::apply(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last, transposed);
+  if (records_node({x, w, bias.value_or(at::Tensor())}))
+    return ConvNode::apply(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last, transposed);
+  const ConvConf conf{std::move(stride), std::move(padding), std::move(dilation), groups, channels_last};
+  return ConvNode::output(x, w, bias, conf, out_hw, transposed);
 }
 
 }  // namespace pyops

@@ -5,8 +5,9 @@ for every device (the implementation asks ``_dispatch.select`` for the backend),
 a fake (meta) implementation, so torch.compile and torch.export trace through pyops.
 Autograd is the job of the ``autograd.Function`` that calls these operators;
 ``apply_function`` skips the Function (and its graph node) when no argument needs a
-gradient, as in inference; ``builds_cpp_node`` says when a call takes the C++ autograd
-node instead (CPU, plain eager, gradients needed: csrc/autograd.h).
+gradient, as in inference; ``runs_cpp_eagerly`` says when a call takes the op's C++ entry
+instead (CPU, plain eager), which records a C++ autograd node when a gradient is needed
+(csrc/autograd.h) and otherwise runs the kernels directly.
 
 ``torch.library.define``/``impl`` is used rather than ``torch.library.custom_op``:
 same tracing behaviour, but about 3 us per call instead of 15-100 us (custom_op
@@ -101,21 +102,12 @@ def apply_function(function: type[torch.autograd.Function], *args):
     return function.forward(_NoGradCtx(), *args)
 
 
-def builds_cpp_node(differentiable: tuple, tensors: tuple) -> bool:
-    """Whether a call records pyops' C++ autograd node rather than the Python Function.
-
-    Yes when some ``differentiable`` argument needs a gradient, the call is plain eager
-    (tracers and modes must see the operators) and ``tensors`` run on the C++ backend:
-    the node runs the same C++ entries as the Function without its per-call cost
-    (Function.apply, a Python graph node, the operator layer: ~50-80 us per layer).
-    Without gradients ``apply_function``'s shortcut costs about what a conv or batch-norm
-    node would (pooling and sigmoid take their C++ entry either way: ``runs_cpp_eagerly``).
-    """
-    return (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable)
-            and runs_cpp_eagerly(tensors))
-
-
 def runs_cpp_eagerly(tensors: tuple) -> bool:
-    """Whether a call is plain eager on the C++ backend: where an op whose C++ node costs no
-    more than its Function's bare forward takes the node with or without gradients."""
+    """Whether a call takes its op's C++ entry: plain eager (tracers and modes must see the
+    operators) with ``tensors`` on the C++ backend.
+
+    The entry records pyops' C++ autograd node when an argument needs a gradient (the same
+    kernels as the Python Function without its per-call cost: Function.apply, a Python
+    graph node, the operator layer; ~50-80 us per conv or batch-norm layer) and otherwise
+    runs the kernels directly, cheaper than ``apply_function``'s shortcut too."""
     return plain_eager(tensors) and select(*tensors) == "cpp"

@@ -187,6 +187,36 @@ def test_cpu_calls_needing_gradients_build_the_cpp_node(name, node):
         assert "Function" in y.grad_fn.name() and node not in y.grad_fn.name(), y.grad_fn.name()
 
 
+@pytest.mark.parametrize("name", ["conv2d", "conv_transpose2d", "batch_norm"])
+def test_cpp_node_when_only_a_parameter_needs_a_gradient(name):
+    """The C++ entries record their node when the weight (or bias) needs a gradient and the
+    input does not, as for a network's first layer, and the parameter's gradient matches
+    torch's; with no gradient needed anywhere no node is recorded."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    w = torch.randn(3, 3, 3, 3)
+    b = torch.randn(3)
+    ours = {"conv2d": pyops.functional.conv2d, "conv_transpose2d": pyops.functional.conv_transpose2d,
+            "batch_norm": lambda t, w_, b_: pyops.functional.batch_norm(t, None, None, w_, b_, training=True)}[name]
+    theirs = {"conv2d": torch.nn.functional.conv2d, "conv_transpose2d": torch.nn.functional.conv_transpose2d,
+              "batch_norm": lambda t, w_, b_: torch.nn.functional.batch_norm(t, None, None, w_, b_, training=True)
+              }[name]
+    if name == "batch_norm":
+        w = torch.rand(3) + 0.5
+    for needs in ("weight", "bias"):
+        wo, bo = w.clone().requires_grad_(needs == "weight"), b.clone().requires_grad_(needs == "bias")
+        wt, bt = w.clone().requires_grad_(needs == "weight"), b.clone().requires_grad_(needs == "bias")
+        y, ref = ours(x, wo, bo), theirs(x, wt, bt)
+        assert y.grad_fn is not None and "Node" in y.grad_fn.name(), (needs, y.grad_fn)
+        g = torch.randn_like(ref)
+        (y * g).sum().backward()
+        (ref * g).sum().backward()
+        mine, want = (wo.grad, wt.grad) if needs == "weight" else (bo.grad, bt.grad)
+        torch.testing.assert_close(mine, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y.detach(), ref.detach(), rtol=1e-4, atol=1e-4)
+    assert ours(x, w, b).grad_fn is None
+
+
 @pytest.mark.parametrize("name", ["avg_pool2d", "max_pool2d", "sigmoid", "batch_norm", "conv2d", "conv_transpose2d"])
 def test_no_autograd_node_without_grad(name, monkeypatch):
     """With no argument needing a gradient (torch.no_grad, or none requires it) the

@@ -71,9 +71,7 @@ def _inputs(shapes, device, channels_last=False):
 def _force_functions(monkeypatch):
     """CPU convs, batch norms, poolings and sigmoids that need gradients record the C++ nodes;
     this makes them take the Python Functions."""
-    for module in (pyops.ops.conv, pyops.ops.batch_norm):
-        monkeypatch.setattr(module, "builds_cpp_node", lambda *a: False)
-    for module in (pyops.ops.pooling, pyops.ops.sigmoid):  # the node with or without gradients
+    for module in (pyops.ops.conv, pyops.ops.batch_norm, pyops.ops.pooling, pyops.ops.sigmoid):
         monkeypatch.setattr(module, "runs_cpp_eagerly", lambda *a: False)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
-from .._library import apply_function, builds_cpp_node, op
+from .._library import apply_function, op, runs_cpp_eagerly
 from .._tensor import suggests_channels_last
 from ._launch import cdiv, device_guard, dividers, gpu_geometry, needs_int64, sm_count
 
@@ -371,8 +371,9 @@ class BatchNormBackwardFunction(torch.autograd.Function):
 def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
                bias: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
     """Batch norm with autograd, arguments already checked: ``BatchNormFunction`` or, where
-    ``builds_cpp_node`` says so, its C++ twin ``batch_norm_autograd`` (same kernels)."""
-    if builds_cpp_node((x, weight, bias), (x, running_mean, running_var, weight, bias)):
+    ``runs_cpp_eagerly`` says so, its C++ twin ``batch_norm_autograd`` (same kernels; it
+    records its node only when a gradient is needed)."""
+    if runs_cpp_eagerly((x, running_mean, running_var, weight, bias)):
         _check_running(running_mean, running_var)
         nlc = is_nlc(x)
         return cpp_extension().batch_norm_autograd(x, as_ncl(x.detach(), nlc), running_mean, running_var, weight,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._conv import empty_like_layout
 from .._dispatch import cpp_extension, select, triton_interpreted, triton_kernels
-from .._library import apply_function, builds_cpp_node, op
+from .._library import apply_function, op, runs_cpp_eagerly
 from ._launch import cdiv as _cdiv
 from ._launch import device_guard, dividers, gpu_geometry, needs_int64
 from ._launch import sm_count as _sm_count
@@ -389,8 +389,9 @@ class ChannelSumFunction(torch.autograd.Function):
 def conv(function: type[torch.autograd.Function], x: Tensor, w: Tensor, bias: Tensor | None, stride: list[int],
          padding: list[int], dilation: list[int], groups: int, out_hw: list[int], channels_last: bool) -> Tensor:
     """``Conv2dFunction`` or ``ConvTranspose2dFunction`` on checked 4-D arguments or, where
-    ``builds_cpp_node`` says so (and x, w are not empty), the C++ node ``conv2d_autograd``."""
-    if x.numel() and w.numel() and builds_cpp_node((x, w, bias), (x, w, bias)):
+    ``runs_cpp_eagerly`` says so (and x, w are not empty), the C++ entry ``conv2d_autograd``:
+    its node when a gradient is needed, else the kernels directly."""
+    if x.numel() and w.numel() and runs_cpp_eagerly((x, w, bias)):
         return cpp_extension().conv2d_autograd(x, w, bias, stride, padding, dilation, groups, out_hw, channels_last,
                                                function is ConvTranspose2dFunction)
     return apply_function(function, x, w, bias, stride, padding, dilation, groups, out_hw, channels_last)
