@@ -9,7 +9,9 @@ void sigmoid_backward(const at::Tensor& grad_output, const at::Tensor& output,
                       const at::Tensor& grad_input);
 at::Tensor sigmoid_autograd(const at::Tensor& x);
 void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Tensor& seed_offset,
-                   int64_t threshold, double scale);
+                   int64_t threshold, double scale, const c10::optional<at::Tensor>& keep_bits_out);
+void dropout_apply_bits(const at::Tensor& input, const at::Tensor& out, const at::Tensor& keep_bits,
+                        double scale);
 at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n);
 void conv2d_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                     const at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
@@ -62,7 +64,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_forward", &pyops::sigmoid_forward, "sigmoid forward (CPU)");
   m.def("sigmoid_backward", &pyops::sigmoid_backward, "sigmoid backward (CPU)");
   m.def("sigmoid_autograd", &pyops::sigmoid_autograd, "sigmoid as a C++ autograd node (CPU)");
-  m.def("dropout_apply", &pyops::dropout_apply, "dropout forward/backward (CPU)");
+  m.def("dropout_apply", &pyops::dropout_apply, "dropout forward/backward (CPU), optionally writing the keep bits",
+        py::arg("input"), py::arg("out"), py::arg("seed_offset"), py::arg("threshold"), py::arg("scale"),
+        py::arg("keep_bits_out") = py::none());
+  m.def("dropout_apply_bits", &pyops::dropout_apply_bits, "dropout's mask from saved keep bits (CPU)");
   m.def("philox_blocks", &pyops::philox_blocks, "raw Philox4x32-10 blocks (CPU)");
   m.def("max_pool2d_forward", &pyops::max_pool2d_forward, "max_pool2d forward (CPU)");
   m.def("max_pool2d_backward", &pyops::max_pool2d_backward, "max_pool2d backward (CPU)");

@@ -2,8 +2,12 @@
 // Triton kernel: element i of the dense storage uses lane i % 4 of the block
 // philox(key = seed, counter = (i / 4, offset)); it is kept when the top 24 bits
 // of that word are >= threshold = round(p * 2^24). Forward and backward are the
-// same computation (out = in * keep * scale), so one kernel serves both and no
-// mask is ever stored.
+// same computation (out = in * keep * scale), so one kernel serves both.
+//
+// On the CPU, Philox (~0.55 ns per element and core) costs more than the memory traffic
+// of applying a mask, so the forward may also write the keep decisions as bits (one
+// int64 word per 64 elements: 1/32 of a float32 input) and the backward applies those
+// (dropout_apply_bits) instead of regenerating them.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -90,14 +94,48 @@ inline void apply_batch(const scalar_t* src, scalar_t* dst, int64_t len, uint64_
   for (; k < len; ++k) dst[k] = static_cast<scalar_t>(static_cast<opmath_t>(src[k]) * m[k]);
 }
 
-}  // namespace
+// Words of keep bits for n elements: bit k of word b is element 64 * b + k.
+inline int64_t bit_words(int64_t n) { return (n + kBatchElems - 1) / kBatchElems; }
 
-// out[i] = in[i] * (keep(i) ? scale : 0); `out` may alias `in` (in-place dropout).
-void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Tensor& seed_offset,
-                   int64_t threshold, double scale) {
+void check_bits(const at::Tensor& bits, int64_t n) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kLong && bits.is_contiguous() &&
+                  bits.numel() == bit_words(n),
+              "keep bits must be a contiguous CPU int64 tensor of ", bit_words(n), " words, got ", bits.sizes());
+}
+
+// out = in * (keep ? scale : 0) over the 64-element batches of dense tensors (batch b:
+// elements [64 b, 64 b + 64), Philox counters [16 b, 16 b + 16)), batch b's keep bits
+// from bits_of(b, len), len its element count (64 but for the last batch).
+template <typename BitsOf>
+void apply_batches(const at::Tensor& input, const at::Tensor& out, double scale, const BitsOf& bits_of) {
+  const int64_t n = input.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_dropout", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t s = static_cast<opmath_t>(scale);
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, bit_words(n), kGrainCounters / kPhiloxBatch, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t first = b * kBatchElems, len = std::min<int64_t>(n - first, kBatchElems);
+        apply_batch<scalar_t, opmath_t>(in + first, o + first, len, bits_of(b, len), s);
+      }
+    });
+  });
+}
+
+void check_in_out(const at::Tensor& input, const at::Tensor& out) {
   check_dense_cpu(input, "input");
   check_dense_cpu(out, "out");
   check_same_layout(input, "input", out, "out");
+}
+
+}  // namespace
+
+// out[i] = in[i] * (keep(i) ? scale : 0); `out` may alias `in` (in-place dropout). With
+// keep_bits_out, the keep decisions are also written there as bits (see check_bits).
+void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Tensor& seed_offset,
+                   int64_t threshold, double scale, const c10::optional<at::Tensor>& keep_bits_out) {
+  check_in_out(input, out);
   TORCH_CHECK(seed_offset.device().is_cpu() && seed_offset.scalar_type() == at::kLong &&
                   seed_offset.numel() == 2,
               "seed_offset must be a CPU int64 tensor of 2 elements (seed, offset)");
@@ -106,29 +144,28 @@ void dropout_apply(const at::Tensor& input, const at::Tensor& out, const at::Ten
   const auto so = seed_offset.contiguous();
   const PhiloxKeys key(static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]),
                        static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1]));
-  const int64_t n = input.numel();
-  const int64_t n_counters = (n + 3) / 4;
   const uint32_t thr = static_cast<uint32_t>(threshold);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "pyops_dropout", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t s = static_cast<opmath_t>(scale);
-    const scalar_t* in = input.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n_counters, kGrainCounters, [&](int64_t cbegin, int64_t cend) {
-      for (int64_t c = cbegin; c < cend; c += kPhiloxBatch) {
-        const uint64_t bits = keep_bits(static_cast<uint64_t>(c), key, thr);
-        const int64_t first = c * 4;
-        const int64_t len = std::min<int64_t>(n, std::min<int64_t>(c + kPhiloxBatch, cend) * 4) - first;
-        apply_batch<scalar_t, opmath_t>(in + first, o + first, len, bits, s);
-      }
-    });
+  int64_t* words = nullptr;
+  if (keep_bits_out.has_value()) {
+    check_bits(*keep_bits_out, input.numel());
+    words = keep_bits_out->mutable_data_ptr<int64_t>();
+  }
+  apply_batches(input, out, scale, [&](int64_t b, int64_t len) {
+    const uint64_t bits = keep_bits(static_cast<uint64_t>(b * kPhiloxBatch), key, thr);
+    if (words != nullptr) words[b] = static_cast<int64_t>(len == kBatchElems ? bits : bits & ((uint64_t{1} << len) - 1));
+    return bits;
   });
 }
 
-// Raw Philox4x32-10 blocks for counters [first, first + n) of (seed, offset): the stream the
-// kernels use, exposed so tests can check it against known-answer vectors and
-// against the Triton implementation.
+// out[i] = in[i] * (bit i of keep_bits ? scale : 0): dropout with the mask a forward saved.
+void dropout_apply_bits(const at::Tensor& input, const at::Tensor& out, const at::Tensor& keep_bits,
+                        double scale) {
+  check_in_out(input, out);
+  check_bits(keep_bits, input.numel());
+  const int64_t* words = keep_bits.const_data_ptr<int64_t>();
+  apply_batches(input, out, scale, [&](int64_t b, int64_t) { return static_cast<uint64_t>(words[b]); });
+}
+
 at::Tensor philox_blocks(int64_t seed, int64_t offset, int64_t first, int64_t n) {
   TORCH_CHECK(n >= 0, "n must be non-negative, got ", n);
   auto out = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong));

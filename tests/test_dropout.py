@@ -218,3 +218,33 @@ def test_zero_dim_and_empty(backend_device):
     s = torch.tensor(2.0, device=backend_device)
     y = pyops.functional.dropout(s, 0.5)
     assert y.shape == () and y.item() in (0.0, 4.0)
+
+
+@pytest.mark.parametrize("shape", [(1,), (63,), (64,), (65,), (4099,), (3, 5, 7, 11)], ids=str)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cpu_saves_keep_bits_and_backward_applies_them(shape, inplace):
+    """On the C++ backend the forward saves its keep decisions as bits (bit i % 64 of word
+    i // 64 for element i of the dense storage: 1/32 of a float32 input) and the backward
+    applies them: the bits match the forward's zeros, the gradient (and the gradient of the
+    gradient) keeps the same elements, for channels_last input and in place."""
+    with pyops.backend("cpp"):
+        base = torch.rand(shape, dtype=torch.float64) + 0.5
+        if len(shape) == 4:
+            base = base.contiguous(memory_format=torch.channels_last)
+        x = base.clone().requires_grad_()
+        h = x * 1.0
+        y = pyops.functional.dropout(h, 0.5, inplace=inplace)
+        seed_offset, bits = y.grad_fn.saved_tensors
+        n = y.numel()
+        assert bits.dtype == torch.int64 and bits.numel() == (n + 63) // 64
+        flat = y.detach().permute(0, 2, 3, 1).reshape(-1) if len(shape) == 4 else y.detach().reshape(-1)
+        words = bits.repeat_interleave(64)[:n]
+        from_bits = ((words >> (torch.arange(n) % 64)) & 1).bool()
+        assert torch.equal(from_bits, flat != 0)
+        g = torch.randn_like(y).requires_grad_()
+        (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+        kept = y.detach() != 0
+        assert torch.equal(gx.detach() != 0, kept & (g.detach() != 0))
+        assert_close(gx.detach()[kept], g.detach()[kept] * 2)
+        (ggx,) = torch.autograd.grad(gx, g, torch.ones_like(gx))
+        assert torch.equal(ggx, kept.to(ggx.dtype) * 2)

@@ -4,6 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyops
+from pyops._dispatch import select
 
 FORBIDDEN = ("sigmoid", "bernoulli", "dropout", "rand", "uniform", "batch_norm", "aten::var", "aten::mean",
              "sqrt")
@@ -31,7 +32,9 @@ def _run(fn, x):
 
 @pytest.mark.parametrize("name,fn,fwd_op,bwd_op", [
     ("sigmoid", pyops.functional.sigmoid, "pyops::sigmoid_forward", "pyops::sigmoid_backward"),
-    ("dropout", lambda x: pyops.functional.dropout(x, 0.3), "pyops::dropout", "pyops::dropout"),
+    # dropout's backward: the saved keep bits on the C++ backend, the regenerated mask on Triton's
+    ("dropout", lambda x: pyops.functional.dropout(x, 0.3), "pyops::dropout_bits",
+     ("pyops::dropout_apply_bits", "pyops::dropout_bits")),
     ("batch_norm", lambda x: pyops.functional.batch_norm(x.view(2, 2, 5), torch.zeros(2, device=x.device),
                                                          torch.ones(2, device=x.device), training=True),
      "pyops::batch_norm_train", "pyops::batch_norm_backward"),
@@ -42,6 +45,8 @@ def _run(fn, x):
 def test_own_ops_forward_and_backward(backend_device, name, fn, fwd_op, bwd_op):
     x = torch.randn(4, 5, device=backend_device, requires_grad=True)
     fwd, bwd = _run(fn, x)
+    if isinstance(bwd_op, tuple):
+        bwd_op = bwd_op[0] if select(x) == "cpp" else bwd_op[1]
     assert fwd_op in fwd, fwd
     assert bwd_op in bwd, bwd
     # Drawing the (seed, offset) pair is the one random aten op dropout may call.
@@ -49,8 +54,11 @@ def test_own_ops_forward_and_backward(backend_device, name, fn, fwd_op, bwd_op):
     assert not [op for op in aten if any(f in op for f in FORBIDDEN)], aten
 
 
-def test_dropout_saves_no_mask():
-    x = torch.randn(64, 64, requires_grad=True)
+def test_dropout_saves_seed_and_at_most_one_bit_per_element(backend_device):
+    """Dropout saves its (seed, offset) pair and, on the C++ backend, one keep bit per
+    element (64 int64 words for 4096 elements); on Triton's no mask at all."""
+    x = torch.randn(64, 64, device=backend_device, requires_grad=True)
     y = pyops.functional.dropout(x, 0.5)
-    saved = y.grad_fn.saved_tensors
-    assert len(saved) == 1 and saved[0].dtype == torch.int64 and saved[0].numel() == 2
+    seed_offset, bits = y.grad_fn.saved_tensors
+    assert seed_offset.dtype == torch.int64 and seed_offset.numel() == 2
+    assert bits.dtype == torch.int64 and bits.numel() == (64 if select(x) == "cpp" else 0)
