@@ -278,3 +278,37 @@ def test_functorch_transforms_take_the_operators(name):
         torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
         with pytest.raises(RuntimeError, match="setup_context"):
             torch.func.grad(lambda t: ours(t).sum())(x)
+
+
+def test_inference_mode_matches_torch(backend_device):
+    """Under torch.inference_mode (no autograd, inference tensors) every op runs and matches
+    torch, and a swapped module in eval mode gives torch's output."""
+    from conftest import assert_close
+
+    F, P = torch.nn.functional, pyops.functional
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9, device=backend_device)
+    w = torch.randn(6, 4, 3, 3, device=backend_device)
+    wt = torch.randn(4, 6, 3, 3, device=backend_device)
+    rm, rv = torch.zeros(4, device=backend_device), torch.ones(4, device=backend_device)
+    pairs = {
+        "conv2d": (lambda t: P.conv2d(t, w, None, 2, 1), lambda t: F.conv2d(t, w, None, 2, 1)),
+        "conv_transpose2d": (lambda t: P.conv_transpose2d(t, wt, None, 2, 1), lambda t: F.conv_transpose2d(t, wt, None, 2, 1)),
+        "max_pool2d": (lambda t: P.max_pool2d(t, 3, 2, 1), lambda t: F.max_pool2d(t, 3, 2, 1)),
+        "avg_pool2d": (lambda t: P.avg_pool2d(t, 3, 2, 1), lambda t: F.avg_pool2d(t, 3, 2, 1)),
+        "sigmoid": (P.sigmoid, torch.sigmoid),
+        "batch_norm": (lambda t: P.batch_norm(t, rm.clone(), rv.clone(), training=True),
+                       lambda t: F.batch_norm(t, rm.clone(), rv.clone(), training=True)),
+    }
+    with torch.inference_mode():
+        for name, (ours, theirs) in pairs.items():
+            out = ours(x)
+            assert torch.is_inference(out), name
+            assert_close(out, theirs(x))
+        y = P.dropout(x, 0.5)
+        kept = y != 0
+        assert_close(y[kept], x[kept] * 2)
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.MaxPool2d(2),
+                                    torch.nn.Sigmoid()).to(backend_device).eval()
+        expected = model(x)
+        assert_close(pyops.swap(model)(x), expected)
