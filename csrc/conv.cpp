@@ -445,22 +445,44 @@ int64_t tile_rows(const Geom& g, int64_t elem_size) {
 
 // ------------------------------------------------------------------ NHWC patches
 
+// The filter taps s of output column ow that fall inside the input row: [s_lo, s_hi).
+inline void inside_taps(const Geom& g, int64_t ow, int64_t& s_lo, int64_t& s_hi) {
+  const int64_t w0 = ow * g.sw - g.pw;  // input column of tap 0
+  s_lo = w0 >= 0 ? 0 : std::min<int64_t>(g.S, (-w0 + g.dw - 1) / g.dw);
+  s_hi = w0 >= g.W ? 0 : std::min<int64_t>(g.S, (g.W - 1 - w0) / g.dw + 1);
+  s_hi = std::max(s_hi, s_lo);
+}
+
 // col (OH*OW, R*S*Cg) of one image's group; x points at the image, channel offset c0.
+// Taps outside the input are zeros. With one group and unit column dilation a patch row's
+// taps r, s_lo..s_hi-1 are one contiguous run of the input row (the ResNet stem's 7 taps of
+// 3 channels: one 21-element copy, not seven 3-element ones).
 template <typename T>
 void im2col_nhwc(const T* __restrict x, T* __restrict col, const Geom& g, int64_t c0) {
-  const int64_t Cg = g.Cg(), RSC = g.R * g.S * Cg;
+  const int64_t Cg = g.Cg(), SC = g.S * Cg, RSC = g.R * SC;
+  const bool runs = g.G == 1 && g.dw == 1;
   for (int64_t oh = 0; oh < g.OH; ++oh) {
     for (int64_t ow = 0; ow < g.OW; ++ow) {
+      int64_t s_lo, s_hi;
+      inside_taps(g, ow, s_lo, s_hi);
+      const int64_t w0 = ow * g.sw - g.pw;
       T* dst = col + (oh * g.OW + ow) * RSC;
-      for (int64_t r = 0; r < g.R; ++r) {
+      for (int64_t r = 0; r < g.R; ++r, dst += SC) {
         const int64_t h = oh * g.sh - g.ph + r * g.dh;
-        for (int64_t s = 0; s < g.S; ++s, dst += Cg) {
-          const int64_t w = ow * g.sw - g.pw + s * g.dw;
-          if (h < 0 || h >= g.H || w < 0 || w >= g.W) {
-            std::fill(dst, dst + Cg, T(0));
-          } else {
-            std::memcpy(dst, x + (h * g.W + w) * g.C + c0, Cg * sizeof(T));
-          }
+        if (h < 0 || h >= g.H || s_lo == s_hi) {
+          std::fill(dst, dst + SC, T(0));
+          continue;
+        }
+        std::fill(dst, dst + s_lo * Cg, T(0));
+        std::fill(dst + s_hi * Cg, dst + SC, T(0));
+        const T* row = x + h * g.W * g.C + c0;
+        if (runs) {
+          const T* src = row + (w0 + s_lo) * g.C;
+          const int64_t n = (s_hi - s_lo) * Cg;
+          for (int64_t i = 0; i < n; ++i) dst[s_lo * Cg + i] = src[i];
+        } else {
+          for (int64_t s = s_lo; s < s_hi; ++s)
+            std::memcpy(dst + s * Cg, row + (w0 + s * g.dw) * g.C, Cg * sizeof(T));
         }
       }
     }
@@ -469,17 +491,28 @@ void im2col_nhwc(const T* __restrict x, T* __restrict col, const Geom& g, int64_
 
 template <typename T>
 void col2im_nhwc(const T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t c0) {
-  const int64_t Cg = g.Cg(), RSC = g.R * g.S * Cg;
+  const int64_t Cg = g.Cg(), SC = g.S * Cg, RSC = g.R * SC;
+  const bool runs = g.G == 1 && g.dw == 1;
   for (int64_t oh = 0; oh < g.OH; ++oh) {
     for (int64_t ow = 0; ow < g.OW; ++ow) {
+      int64_t s_lo, s_hi;
+      inside_taps(g, ow, s_lo, s_hi);
+      const int64_t w0 = ow * g.sw - g.pw;
       const T* src = dcol + (oh * g.OW + ow) * RSC;
-      for (int64_t r = 0; r < g.R; ++r) {
+      for (int64_t r = 0; r < g.R; ++r, src += SC) {
         const int64_t h = oh * g.sh - g.ph + r * g.dh;
-        for (int64_t s = 0; s < g.S; ++s, src += Cg) {
-          const int64_t w = ow * g.sw - g.pw + s * g.dw;
-          if (h < 0 || h >= g.H || w < 0 || w >= g.W) continue;
-          T* dst = dx + (h * g.W + w) * g.C + c0;
-          for (int64_t c = 0; c < Cg; ++c) dst[c] += src[c];
+        if (h < 0 || h >= g.H) continue;
+        T* row = dx + h * g.W * g.C + c0;
+        if (runs) {  // the run's elements in the order the per-tap loops added them
+          T* dst = row + (w0 + s_lo) * g.C;
+          const T* from = src + s_lo * Cg;
+          const int64_t n = (s_hi - s_lo) * Cg;
+          for (int64_t i = 0; i < n; ++i) dst[i] += from[i];
+        } else {
+          for (int64_t s = s_lo; s < s_hi; ++s) {
+            T* dst = row + (w0 + s * g.dw) * g.C;
+            for (int64_t c = 0; c < Cg; ++c) dst[c] += src[s * Cg + c];
+          }
         }
       }
     }
