@@ -564,6 +564,30 @@ bool batched_nchw(const Geom& g, bool cl) {
   return !cl && g.N > 1 && g.OH * g.OW < kBatchedPixels;
 }
 
+// channels_last with one group: images are consecutive row blocks of the NHWC patch matrix
+// and of the output, so small planes take one GEMM over all images, (N*OH*OW, R*S*C) by
+// (R*S*C, K), written straight into y (per image, a 4x4 plane's 16 rows ran MKL at a
+// quarter of torch's rate: the 3x3 512->512 layer on 8x512x4x4, 12.8 against 3.2 ms).
+bool batched_nhwc(const Geom& g, bool cl) {
+  return cl && g.G == 1 && g.N > 1 && g.OH * g.OW < kBatchedPixels && !g.pointwise();
+}
+
+// (N*OH*OW, R*S*C) NHWC patches of every image (batched_nhwc geometries).
+template <typename T>
+at::Tensor im2col_nhwc_all(const at::Tensor& x, const Geom& g) {
+  const int64_t OHW = g.OH * g.OW, RSC = g.R * g.S * g.C;
+  at::Tensor col = at::empty({g.N * OHW, RSC}, x.options());
+  const T* xp = x.data_ptr<T>();
+  T* cp = col.data_ptr<T>();
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) im2col_nhwc<T>(xp + n * g.H * g.W * g.C, cp + n * OHW * RSC, g, 0);
+  });
+  return col;
+}
+
+// An NHWC-dense (N, C, H, W) tensor as its (N*H*W, C) rows (a view).
+at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
 // The direct register-blocked kernel (conv_taps.cpp) for NCHW float32 where it suits.
 // A part: one convolution for it, the taps of w it reads and where its output starts in
 // an image's group.
@@ -1303,6 +1327,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
         y.narrow(1, grp * Kg, Kg).copy_(out.view({Kg, g.N, g.OH, g.OW}).permute({1, 0, 2, 3}));
       }
     });
+  } else if (batched_nhwc(g, cl)) {
+    const at::Tensor wt = w.permute({0, 2, 3, 1}).contiguous().view({g.K, RS * Cg});  // (K, R*S*C)
+    at::Tensor rows = nhwc_rows(y);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_batched_nhwc", [&] {
+      at::mm_out(rows, im2col_nhwc_all<scalar_t>(x, g), wt.t());
+    });
   } else if (use_taps(g, cl, x, {forward_taps(g)})) {
     run_taps(x, w, y, {forward_taps(g)}, g, false);
   } else if (!cl) {
@@ -1393,6 +1423,20 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
     return;
   }
   dx.zero_();  // col2im adds into it
+  if (batched_nhwc(g, cl)) {
+    const at::Tensor wt = w.permute({0, 2, 3, 1}).contiguous().view({g.K, RS * Cg});
+    at::Tensor dcol = at::empty({g.N * OHW, RS * Cg}, dy.options());
+    at::mm_out(dcol, nhwc_rows(dy), wt);
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_batched_nhwc", [&] {
+      const scalar_t* pc = dcol.data_ptr<scalar_t>();
+      scalar_t* px = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+          col2im_nhwc<scalar_t>(pc + n * OHW * RS * Cg, px + n * g.H * g.W * g.C, g, 0);
+      });
+    });
+    return;
+  }
   if (batched_nchw(g, cl)) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_batched", [&] {
@@ -1507,6 +1551,14 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
       tap_conv_weight_grad(x.data_ptr<float>() + grp * Cg * g.H * g.W, dy.data_ptr<float>() + grp * Kg * OHW,
                            dw.data_ptr<float>() + grp * Kg * Cg * RS, tc);
     }
+    return;
+  }
+  if (batched_nhwc(g, cl)) {
+    at::Tensor dwt = at::empty({g.K, RS * Cg}, dw.options());  // (K, R*S*C)
+    AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_weight_grad_batched_nhwc", [&] {
+      at::mm_out(dwt, nhwc_rows(dy).t(), im2col_nhwc_all<scalar_t>(x, g));
+    });
+    dw.copy_(dwt.view({g.K, g.R, g.S, Cg}).permute({0, 3, 1, 2}));
     return;
   }
   if (batched_nchw(g, cl)) {

@@ -214,6 +214,26 @@ def test_cpp_register_plane_patches(transpose, case):
         _compare("cpu", torch.float32, xs, ws, kwargs, transpose)
 
 
+# channels_last, one group, N > 1, fewer than 64 output pixels: the C++ batched NHWC path (one
+# GEMM over every image's patches, each image's patch gradients added back by its own col2im;
+# the 7x2 and 1x7 taps reach past both sides of the row)
+# (transpose, input shape, weight shape, kwargs)
+BATCHED_NHWC_CASES = [
+    (False, (3, 5, 4, 4), (6, 5, 3, 3), dict(padding=1)),
+    (False, (2, 3, 7, 6), (4, 3, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+    (False, (4, 2, 5, 3), (3, 2, 2, 7), dict(padding=(0, 3))),
+    (True, (3, 4, 3, 3), (4, 2, 3, 3), dict(stride=2, padding=1, output_padding=1)),
+    (True, (2, 3, 2, 4), (3, 5, 1, 7), dict(padding=(0, 2))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("transpose,xs,ws,kwargs", BATCHED_NHWC_CASES, ids=str)
+def test_cpp_batched_channels_last(transpose, xs, ws, kwargs, dtype):
+    with pyops.backend("cpp"):
+        _compare("cpu", dtype, xs, ws, kwargs, transpose, channels_last=True)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 def test_conv2d_matches_torch(backend_device, dtype, case):
