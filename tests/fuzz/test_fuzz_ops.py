@@ -53,42 +53,55 @@ def _layout(x, draw_format):
     return x
 
 
-def _check(ours_fn, theirs_fn, inputs, dtype, device, atol=None, second_order=False):
-    """Run ours on (inputs in dtype, on device) and theirs in float64; compare outputs and every grad.
-
-    ``second_order``: the gradients are taken with create_graph and differentiated again
-    (a fixed direction through every gradient, including the incoming one's), compared too.
-    """
-    ours_in = [t.to(dtype).to(device).requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
-    ref_in = [t.to(dtype).double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
-    out = ours_fn(*ours_in)
-    ref = theirs_fn(*ref_in)
-    tol = {"atol": atol or (1e-4 if dtype == torch.float32 else 1e-10),
-           "rtol": 1e-4 if dtype == torch.float32 else 1e-10}
-    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), **tol, equal_nan=True)
-    grads = [t for t in ours_in if t is not None and t.requires_grad]
+def _results(fn, inputs, dtype, device, second_order):
+    """fn on (inputs in dtype, on device): [output, every grad, and with ``second_order`` the
+    gradients of a fixed direction through the gradients (the incoming one's included)]."""
+    xs = [t.to(dtype).to(device).requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    out = fn(*xs)
+    results = [out]
+    grads = [t for t in xs if t is not None and t.requires_grad]
     if not grads or out.numel() == 0:
-        return
-    ref_grads = [t for t in ref_in if t is not None and t.requires_grad]
+        return results
     g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
-    g_ours, g_ref = g.to(dtype).to(device).requires_grad_(second_order), g.clone().requires_grad_(second_order)
-    ours_g = torch.autograd.grad(out, grads, g_ours, allow_unused=True, create_graph=second_order)
-    ref_g = torch.autograd.grad(ref, ref_grads, g_ref, create_graph=second_order)
-    for a, b in zip(ours_g, ref_g):
-        torch.testing.assert_close(a.detach().cpu().double(), b.detach(), **tol)
-    if not second_order:
-        return
-
-    def again(first, wrt):
+    g = g.to(dtype).to(device).requires_grad_(second_order)
+    first = torch.autograd.grad(out, grads, g, allow_unused=True, create_graph=second_order)
+    results += list(first)
+    if second_order:
         total = sum((f * torch.linspace(1, 2, f.numel(), dtype=f.dtype, device=f.device).reshape(f.shape)).sum()
                     for f in first if f is not None)
-        return torch.autograd.grad(total, wrt, allow_unused=True)
+        results += list(torch.autograd.grad(total, [*grads, g], allow_unused=True))
+    return results
 
-    for a, b in zip(again(ours_g, [*grads, g_ours]), again(ref_g, [*ref_grads, g_ref])):
+
+def _deviation(fn, inputs, dtype, second_order=False) -> float:
+    """How far ``fn`` computed in dtype (CPU) lands from ``fn`` in float64 on the same rounded
+    values, over everything _check compares: the format's own error for this input."""
+    rounded = [t.to(dtype).double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    low = _results(fn, inputs, dtype, "cpu", second_order)
+    ref = _results(fn, rounded, torch.float64, "cpu", second_order)
+    return max(((a.detach().double() - b.detach()).abs().nan_to_num().max().item()
+                for a, b in zip(low, ref) if a is not None and b is not None and a.numel()), default=0.0)
+
+
+def _check(ours_fn, theirs_fn, inputs, dtype, device, atol=None, second_order=False):
+    """Run ours on (inputs in dtype, on device) and theirs in float64 on the same (rounded)
+    values; compare outputs and every grad (and second derivatives with ``second_order``).
+    Returns the largest deviation seen, for callers that bound theirs in dtype the same way."""
+    rounded = [t.to(dtype).double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    ours = _results(ours_fn, inputs, dtype, device, second_order)
+    ref = _results(theirs_fn, rounded, torch.float64, "cpu", second_order)
+    tol = {"atol": atol or (1e-4 if dtype == torch.float32 else 1e-10),
+           "rtol": 1e-4 if dtype == torch.float32 else 1e-10}
+    worst = 0.0
+    for a, b in zip(ours, ref):
         if a is None or b is None:  # unused on one side: the other's must be zero
             assert (a if b is None else b) is None or not (a if b is None else b).any()
             continue
-        torch.testing.assert_close(a.cpu().double(), b, **tol)
+        a, b = a.detach().cpu().double(), b.detach()
+        torch.testing.assert_close(a, b, **tol, equal_nan=True)
+        if a.numel():
+            worst = max(worst, (a - b).abs().nan_to_num().max().item())
+    return worst
 
 
 @st.composite
@@ -286,6 +299,11 @@ def test_fuzz_batch_norm(backend, device):
     # eval, float32, shift 100: a weight gradient of 1.3 summed from 770 terms of up to ~100
     @example({"shape": (2, 3, 5, 7, 11), "training": False, "affine": True, "running": True, "momentum": 0.0,
               "eps": 1e-05, "shift": 100.0, "layout": "contiguous", "dtype": torch.float32})
+    # training, float32, shift 100, two values per channel, one pair 0.03 apart: centring ~100 in
+    # float32 leaves ~1e-5 on a spread of 0.03, and the input gradient (exactly 0 for two values)
+    # is off by 0.025 in torch's own float32 too (found by --long)
+    @example({"shape": (1, 5, 2), "training": True, "affine": True, "running": False, "momentum": 0.0,
+              "eps": 1e-05, "shift": 100.0, "layout": "contiguous", "dtype": torch.float32})
     def run(c):
         g = torch.Generator().manual_seed(2)
         C = c["shape"][1]
@@ -304,7 +322,7 @@ def test_fuzz_batch_norm(backend, device):
             return pyops.functional.batch_norm(x, rm_, rv_, w, b, c["training"], c["momentum"], c["eps"])
 
         def theirs(x, w, b):
-            rm_, rv_ = (rm.clone(), rv.clone()) if c["running"] else (None, None)
+            rm_, rv_ = (rm.to(x.dtype, copy=True), rv.to(x.dtype, copy=True)) if c["running"] else (None, None)
             stats["theirs"] = (rm_, rv_)
             return F.batch_norm(x, rm_, rv_, w, b, c["training"], c["momentum"], c["eps"])
 
@@ -312,6 +330,8 @@ def test_fuzz_batch_norm(backend, device):
             # the shifted input's float32 rounding (100 * 2^-24) bounds what float32 can match; summed
             # over a channel (grad_weight: hundreds of terms of ~100 that may cancel) it reaches ~1e-2
             atol = (1e-2 if c["shift"] else 2e-3) if c["dtype"] == torch.float32 else None
+            if c["dtype"] == torch.float32:  # ill-conditioned inputs: up to 4x torch's own float32 error
+                atol = max(atol, 4 * _deviation(theirs, [x, w, b], torch.float32, second_order=backend == "cpp"))
             _check(ours, theirs, [x, w, b], c["dtype"], device, atol=atol, second_order=backend == "cpp")
         if c["running"]:
             for a, r in zip(stats["ours"], stats["theirs"]):
