@@ -14,12 +14,12 @@
 // all threads. The weight gradient sums per-thread partials in a fixed order, so
 // results do not vary from run to run. float16/bfloat16 are computed in float32.
 //
-// NCHW float32 convolutions with planes of at least 192 output pixels (and 8 output
-// channels) skip the patch matrix: csrc/conv_taps.cpp runs the forward, the input
-// gradient (one stride-1 part per stride phase) and the weight gradient as
-// register-blocked direct kernels, which reach 1.3-1.4x BLAS's rate on these operand
-// shapes. Small planes (deep layers), float64, channels_last and 1x1 stride-1
-// convolutions stay on the GEMM paths here.
+// float32 convolutions with planes of at least 192 output pixels (and 8 output channels;
+// channels_last: 64 pixels and a vector of channels) skip the patch matrix:
+// csrc/conv_taps.cpp runs the forward, the input gradient (one stride-1 part per stride
+// phase) and the weight gradient (channels_last: from 512 pixels) as register-blocked
+// direct kernels, which reach 1.3-1.4x BLAS's rate on these operand shapes. Small planes
+// (deep layers), float64 and 1x1 stride-1 convolutions stay on the GEMM paths here.
 //
 // Padding is the top/left padding; the output size (taken from the output tensor)
 // fixes the bottom/right one, so torch's asymmetric padding='same' needs nothing else.
@@ -588,7 +588,7 @@ at::Tensor im2col_nhwc_all(const at::Tensor& x, const Geom& g) {
 // An NHWC-dense (N, C, H, W) tensor as its (N*H*W, C) rows (a view).
 at::Tensor nhwc_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// The direct register-blocked kernel (conv_taps.cpp) for NCHW float32 where it suits.
+// The direct register-blocked kernel (conv_taps.cpp) for float32 where it suits.
 // A part: one convolution for it, the taps of w it reads and where its output starts in
 // an image's group.
 struct TapPart {
@@ -597,12 +597,18 @@ struct TapPart {
   int64_t y_offset;
 };
 
-TapPart forward_taps(const Geom& g) {
+TapPart forward_taps(const Geom& g, bool cl) {
   std::vector<int64_t> taps(g.R * g.S);
   for (int64_t t = 0; t < g.R * g.S; ++t) taps[t] = t;
-  return {TapConv{g.N, g.Cg(), g.Kg(), g.H, g.W, g.OH, g.OW, g.R, g.S, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw,
-                  g.C * g.H * g.W, g.K * g.OH * g.OW, g.OH * g.OW, g.OW, 1},
-          std::move(taps), 0};
+  TapConv tc{g.N, g.Cg(), g.Kg(), g.H, g.W, g.OH, g.OW, g.R, g.S, g.sh, g.sw, g.dh, g.dw, g.ph, g.pw,
+             g.C * g.H * g.W, g.K * g.OH * g.OW, g.OH * g.OW, g.OW, 1};
+  if (cl) {
+    tc.x_pixel = g.C;
+    tc.y_plane = 1;
+    tc.y_row = g.OW * g.K;
+    tc.y_col = g.K;
+  }
+  return {tc, std::move(taps), 0};
 }
 
 // Along one axis, the input gradient's outputs i = a + stride * j (phase a) take dy at
@@ -631,7 +637,7 @@ AxisPhase axis_phase(int64_t a, int64_t taps, int64_t stride, int64_t dil, int64
 // transposed filter's taps that reach the phase, in reverse order (stride 1: one part,
 // dy padded by (R-1)*dh - ph). Phases no tap reaches get no part (their dx is zero:
 // *uncovered is set); phases without outputs (a dx smaller than the stride) neither.
-std::vector<TapPart> input_grad_parts(const Geom& g, bool* uncovered) {
+std::vector<TapPart> input_grad_parts(const Geom& g, bool cl, bool* uncovered) {
   std::vector<TapPart> parts;
   *uncovered = false;
   for (int64_t a = 0; a < g.sh; ++a) {
@@ -646,18 +652,28 @@ std::vector<TapPart> input_grad_parts(const Geom& g, bool* uncovered) {
       std::vector<int64_t> taps;
       for (int64_t m = 0; m < rows.count; ++m)
         for (int64_t n = 0; n < cols.count; ++n) taps.push_back((rows.first - m * rows.step) * g.S + cols.first - n * cols.step);
-      parts.push_back({TapConv{g.N, g.Kg(), g.Cg(), g.OH, g.OW, rows.outputs, cols.outputs, rows.count, cols.count, 1,
-                               1, rows.dil, cols.dil, rows.pad, cols.pad, g.K * g.OH * g.OW, g.C * g.H * g.W,
-                               g.H * g.W, g.sh * g.W, g.sw},
-                       std::move(taps), a * g.W + b});
+      TapConv tc{g.N, g.Kg(), g.Cg(), g.OH, g.OW, rows.outputs, cols.outputs, rows.count, cols.count, 1, 1,
+                 rows.dil, cols.dil, rows.pad, cols.pad, g.K * g.OH * g.OW, g.C * g.H * g.W, g.H * g.W,
+                 g.sh * g.W, g.sw};
+      int64_t y_offset = a * g.W + b;
+      if (cl) {
+        tc.x_pixel = g.K;
+        tc.y_plane = 1;
+        tc.y_row = g.sh * g.W * g.C;
+        tc.y_col = g.sw * g.C;
+        y_offset *= g.C;
+      }
+      parts.push_back({tc, std::move(taps), y_offset});
     }
   }
   return parts;
 }
 
-bool use_taps(const Geom& g, bool cl, const at::Tensor& t, const std::vector<TapPart>& parts) {
-  if (cl || t.scalar_type() != at::kFloat || g.pointwise() || parts.empty()) return false;
-  return std::all_of(parts.begin(), parts.end(), [](const TapPart& p) { return tap_conv_suits(p.tc); });
+bool use_taps(const Geom& g, const at::Tensor& t, const std::vector<TapPart>& parts, bool weight_grad = false) {
+  if (t.scalar_type() != at::kFloat || g.pointwise() || parts.empty()) return false;
+  return std::all_of(parts.begin(), parts.end(), [&](const TapPart& p) {
+    return weight_grad ? tap_conv_weight_grad_suits(p.tc) : tap_conv_suits(p.tc);
+  });
 }
 
 // Every group of x (N, G*Cin, ...) into y (N, G*Kout, ...) with w's group slices (forward:
@@ -669,7 +685,7 @@ void run_taps(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y, con
     for (const TapPart& part : parts) {
       const TapConv& tc = part.tc;
       const at::Tensor packed = tap_conv_pack(w.data_ptr<float>() + grp * w_group, tc, part.taps, g.R * g.S, transposed);
-      tap_conv_run(x.data_ptr<float>() + grp * tc.Cin * tc.H * tc.W, packed,
+      tap_conv_run(x.data_ptr<float>() + grp * tc.Cin * (tc.x_pixel ? 1 : tc.H * tc.W), packed,
                    y.data_ptr<float>() + grp * tc.Kout * tc.y_plane + part.y_offset, tc);
     }
   }
@@ -1333,8 +1349,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_batched_nhwc", [&] {
       at::mm_out(rows, im2col_nhwc_all<scalar_t>(x, g), wt.t());
     });
-  } else if (use_taps(g, cl, x, {forward_taps(g)})) {
-    run_taps(x, w, y, {forward_taps(g)}, g, false);
+  } else if (use_taps(g, x, {forward_taps(g, cl)})) {
+    run_taps(x, w, y, {forward_taps(g, cl)}, g, false);
   } else if (!cl) {
     const at::Tensor wm = w.reshape({g.K, Cg * RS});
     const int64_t rows = tile_rows(g, x.element_size());
@@ -1416,8 +1432,8 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
     return;
   }
   bool uncovered = false;
-  const std::vector<TapPart> parts = input_grad_parts(g, &uncovered);
-  if (use_taps(g, cl, dy, parts)) {  // writes every element of dx a part covers
+  const std::vector<TapPart> parts = input_grad_parts(g, cl, &uncovered);
+  if (use_taps(g, dy, parts)) {  // writes every element of dx a part covers
     if (uncovered) dx.zero_();
     run_taps(dy, w, dx, parts, g, true);
     return;
@@ -1545,10 +1561,10 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
     });
     return;
   }
-  if (use_taps(g, cl, x, {forward_taps(g)})) {
-    const TapConv tc = forward_taps(g).tc;
+  if (use_taps(g, x, {forward_taps(g, cl)}, true)) {
+    const TapConv tc = forward_taps(g, cl).tc;
     for (int64_t grp = 0; grp < g.G; ++grp) {
-      tap_conv_weight_grad(x.data_ptr<float>() + grp * Cg * g.H * g.W, dy.data_ptr<float>() + grp * Kg * OHW,
+      tap_conv_weight_grad(x.data_ptr<float>() + grp * Cg * (cl ? 1 : g.H * g.W), dy.data_ptr<float>() + grp * Kg * (cl ? 1 : OHW),
                            dw.data_ptr<float>() + grp * Kg * Cg * RS, tc);
     }
     return;

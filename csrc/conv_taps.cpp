@@ -15,6 +15,10 @@
 // columns b, b + sw, ...; tap (r, s) reads phase ((r*dh) % sh, (s*dw) % sw) shifted by
 // ((r*dh) / sh, (s*dw) / sw), so every stride and dilation is a unit-stride read.
 //
+// channels_last input is copied into the same padded positions, each holding its Cin
+// channels (position stride Cin, channel stride 1 instead of 1 and the phase planes):
+// only the channel-lane kernel below runs it, whose broadcasts read one float at a time.
+//
 // Images are spread over threads when there are at least as many as threads, else each
 // image's output blocks are; every output element is written by one task (deterministic).
 #include "conv_taps.h"
@@ -43,12 +47,21 @@ constexpr int64_t MR = kLanes == 16 ? 8 : 4;
 constexpr int64_t NV = 3;
 constexpr int64_t NR = NV * kLanes;
 
+// Floats between rows of n floats (n > 0) read column-wise: whole vectors, an odd number of
+// 64-byte lines, so that a walk down a column spreads over the L1 cache's sets (rows of a
+// power of two of lines, 256 channels say, share a sixteenth of them and evict each other).
+inline int64_t row_stride(int64_t n) {
+  const int64_t s = (n + 15) / 16 * 16;
+  return s % 32 == 0 ? s + 16 : s;
+}
+
 struct Layout {
   int64_t Hq, Wq;     // phase plane size
   int64_t phase;      // Hq * Wq
   int64_t plane;      // sh * sw phases: one channel's padded input
   int64_t Q, blocks;  // output positions q (OH * Wq) and NR-blocks of them
   int64_t scratch;    // floats of one image's padded input, with the last block's overrun
+  int64_t ps, cs;     // floats from one position to the next and from one channel to the next
   std::vector<int64_t> offs;  // per tap: where its run starts, relative to q
   std::vector<char> row_used, col_used;  // the stride phases some tap reads
 };
@@ -76,12 +89,47 @@ Layout layout_of(const TapConv& c) {
   // every channel's phases, and the last block's junk lanes, which read up to
   // blocks * NR - 1 past the last channel's last tap start
   l.scratch = std::max(c.Cin * l.plane, (c.Cin - 1) * l.plane + last + l.blocks * NR);
+  l.ps = c.x_pixel ? row_stride(c.Cin) : 1;
+  l.cs = c.x_pixel ? 1 : l.plane;
+  if (c.x_pixel) l.scratch = l.plane * l.ps;
   return l;
+}
+
+// channels_last: P[a][b][i][j][c], each position's Cin channels copied as one run (ps
+// floats apart; the floats past Cin are never read).
+void fill_padded_nhwc(const float* __restrict x, float* __restrict P, const TapConv& c, const Layout& l) {
+  const int64_t C = l.ps;
+  for (int64_t a = 0; a < c.sh; ++a) {
+    if (!l.row_used[a]) continue;
+    for (int64_t b = 0; b < c.sw; ++b) {
+      if (!l.col_used[b]) continue;
+      float* dst = P + (a * c.sw + b) * l.phase * C;
+      const int64_t off = b - c.pw;
+      int64_t lo, hi;
+      valid_range(off, c.sw, c.W, l.Wq, lo, hi);
+      for (int64_t i = 0; i < l.Hq; ++i, dst += l.Wq * C) {
+        const int64_t h = a + i * c.sh - c.ph;
+        if (h < 0 || h >= c.H || lo == hi) {
+          std::fill(dst, dst + l.Wq * C, 0.f);
+          continue;
+        }
+        std::fill(dst, dst + lo * C, 0.f);
+        const float* src = x + (h * c.W + lo * c.sw + off) * c.x_pixel;
+        for (int64_t j = lo; j < hi; ++j)
+          std::memcpy(dst + j * C, src + (j - lo) * c.sw * c.x_pixel, c.Cin * sizeof(float));
+        std::fill(dst + hi * C, dst + l.Wq * C, 0.f);
+      }
+    }
+  }
 }
 
 // Padded, phase-split copy of one image's Cin planes: P[c][a][b][i][j] = x[c, a + i*sh - ph,
 // b + j*sw - pw], zero outside the plane. Phases no tap reads are left as they are.
 void fill_padded(const float* __restrict x, float* __restrict P, const TapConv& c, const Layout& l) {
+  if (c.x_pixel) {
+    fill_padded_nhwc(x, P, c, l);
+    return;
+  }
   for (int64_t ch = 0; ch < c.Cin; ++ch) {
     const float* xc = x + ch * c.H * c.W;
     for (int64_t a = 0; a < c.sh; ++a) {
@@ -222,7 +270,7 @@ void lane_kernel(const float* const* xs, const int64_t* __restrict offs, int64_t
 
 // Output channels [kb * KL, +KL) of pixel blocks [pb0, pb1) of one image: sums in `tile`
 // (kLaneSuper * MP * KL floats), then written to y. qpad[p]: valid pixel p's position in
-// the padded planes.
+// the padded positions.
 void run_lane_blocks(const float* P, const float* packed, float* y, const TapConv& c, const Layout& l,
                      const int64_t* qpad, int64_t kb, int64_t pb0, int64_t pb1, float* tile) {
   const int64_t T = c.R * c.S, pixels = c.OH * c.OW;
@@ -230,17 +278,24 @@ void run_lane_blocks(const float* P, const float* packed, float* y, const TapCon
   const int64_t chunk = std::max<int64_t>(1, kLaneChain / T);  // channels per register chain
   std::vector<int64_t> offs(chunk * T);  // (channel, tap) offsets of one chain
   for (int64_t ch = 0; ch < chunk; ++ch)
-    for (int64_t t = 0; t < T; ++t) offs[ch * T + t] = ch * l.plane + l.offs[t];
+    for (int64_t t = 0; t < T; ++t) offs[ch * T + t] = ch * l.cs + l.offs[t] * l.ps;
   for (int64_t c0 = 0; c0 < c.Cin; c0 += chunk) {
     const int64_t nc = std::min(chunk, c.Cin - c0);
     for (int64_t pb = pb0; pb < pb1; ++pb) {
       const float* xs[MP];
       for (int64_t i = 0; i < MP; ++i)  // a last partial block repeats its last pixel
-        xs[i] = P + c0 * l.plane + qpad[std::min(pb * MP + i, pixels - 1)];
+        xs[i] = P + c0 * l.cs + qpad[std::min(pb * MP + i, pixels - 1)] * l.ps;
       lane_kernel(xs, offs.data(), nc * T, wk + c0 * T * KL, tile + (pb - pb0) * MP * KL, c0 > 0);
     }
   }
   const int64_t p0 = pb0 * MP, p1 = std::min(pb1 * MP, pixels), kn = std::min(KL, c.Kout - kb * KL);
+  if (c.y_plane == 1) {  // channels_last output: each pixel's channels as one run
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t oh = p / c.OW, ow = p - oh * c.OW;
+      std::memcpy(y + kb * KL + oh * c.y_row + ow * c.y_col, tile + (p - p0) * KL, kn * sizeof(float));
+    }
+    return;
+  }
   for (int64_t k = 0; k < kn; ++k) {
     float* yk = y + (kb * KL + k) * c.y_plane;
     const float* src = tile + k;
@@ -274,23 +329,36 @@ constexpr int64_t WKL = WKV * kLanes;
 
 inline int64_t padded_channels(int64_t K) { return (K + WKL - 1) / WKL * WKL; }
 
-// dT (OH*OW, Kpad) = dy (K, OH*OW) transposed, zeros past K.
-void transpose_grad(const float* __restrict dy, float* __restrict dT, int64_t K, int64_t Kpad, int64_t pixels) {
+// The sums' rows j: (channel, tap) pairs in dw's order, or for channels_last input (tap,
+// channel), so that a block's WJ broadcasts at one pixel read neighbouring channels, one
+// cache line, instead of WJ positions Cin floats apart.
+inline int64_t grad_channel(const TapConv& c, int64_t j) { return c.x_pixel ? j % c.Cin : j / (c.R * c.S); }
+inline int64_t grad_tap(const TapConv& c, int64_t j) { return c.x_pixel ? j / c.Cin : j % (c.R * c.S); }
+
+// dT (OH*OW, Kpad), rows ld apart, = dy (K, OH*OW) transposed (channels_last dy: its rows, y_col apart),
+// zeros past K.
+void transpose_grad(const float* __restrict dy, float* __restrict dT, const TapConv& c, int64_t Kpad, int64_t ld,
+                    int64_t pixels) {
+  const int64_t K = c.Kout;
   for (int64_t q = 0; q < pixels; ++q) {
-    float* row = dT + q * Kpad;
-    for (int64_t k = 0; k < K; ++k) row[k] = dy[k * pixels + q];
+    float* row = dT + q * ld;
+    if (c.y_plane == 1) {
+      std::memcpy(row, dy + q * c.y_col, K * sizeof(float));
+    } else {
+      for (int64_t k = 0; k < K; ++k) row[k] = dy[k * pixels + q];
+    }
     std::fill(row + K, row + Kpad, 0.f);
   }
 }
 
 // dwT (J, Kpad) rows [j0, j0 + WJ), columns [k0, k0 + WKL) += the block's sums for one image.
-void weight_grad_block(const float* __restrict dT, int64_t Kpad, const float* __restrict P, const TapConv& c,
+void weight_grad_block(const float* __restrict dT, int64_t ld, int64_t Kpad, const float* __restrict P, const TapConv& c,
                        const Layout& l, int64_t k0, int64_t j0, float* __restrict dwT) {
   const int64_t T = c.R * c.S, J = c.Cin * T, nj = std::min(WJ, J - j0);
   const float* xs[WJ];
   for (int64_t j = 0; j < WJ; ++j) {  // a tail block repeats its last tap
     const int64_t jj = std::min(j0 + j, J - 1);
-    xs[j] = P + (jj / T) * l.plane + l.offs[jj % T];
+    xs[j] = P + grad_channel(c, jj) * l.cs + l.offs[grad_tap(c, jj)] * l.ps;
   }
   const int64_t rows_per_chain = std::max<int64_t>(1, kChain / c.OW);
   for (int64_t oh0 = 0; oh0 < c.OH; oh0 += rows_per_chain) {
@@ -298,14 +366,13 @@ void weight_grad_block(const float* __restrict dT, int64_t Kpad, const float* __
     for (int64_t v = 0; v < WKV; ++v)
       for (int64_t j = 0; j < WJ; ++j) acc[v][j] = Vec(0.f);
     for (int64_t oh = oh0; oh < std::min(c.OH, oh0 + rows_per_chain); ++oh) {
-      const float* drow = dT + oh * c.OW * Kpad + k0;
-      const int64_t xq = oh * l.Wq;
-      for (int64_t ow = 0; ow < c.OW; ++ow, drow += Kpad) {
+      const float* drow = dT + oh * c.OW * ld + k0;
+      for (int64_t ow = 0, o = oh * l.Wq * l.ps; ow < c.OW; ++ow, drow += ld, o += l.ps) {
         Vec dv[WKV];
         for (int64_t v = 0; v < WKV; ++v) dv[v] = Vec::loadu(drow + v * kLanes);
 #pragma GCC unroll 12
         for (int64_t j = 0; j < WJ; ++j) {
-          const Vec xv(xs[j][xq + ow]);
+          const Vec xv(xs[j][o]);
           for (int64_t v = 0; v < WKV; ++v) acc[v][j] = at::vec::fmadd(dv[v], xv, acc[v][j]);
         }
       }
@@ -321,6 +388,10 @@ void weight_grad_block(const float* __restrict dT, int64_t Kpad, const float* __
 
 bool tap_conv_suits(const TapConv& c) {
   if (!kHaveKernel) return false;
+  // channels_last (the channel-lane kernel): planes under 64 output pixels run faster as
+  // one GEMM over every image's patches (conv.cpp's batched_nhwc), as do outputs of less
+  // than a vector of channels (the stem's 3-channel input gradient)
+  if (c.x_pixel) return c.Kout >= kLanes && c.OH * c.OW >= 64;
   const int64_t extra = ((c.S - 1) * c.dw) / c.sw;
   // dropped columns at most a fifth of the row, enough output channels to fill MR rows,
   // and enough positions for whole blocks
@@ -332,7 +403,13 @@ bool tap_conv_suits(const TapConv& c) {
 // more than that: 14x14 planes (0.99 against 0.82 of lanes used), not 28x28 (1.00 / 0.91).
 constexpr double kLaneAdvantage = 1.15;
 
-bool tap_conv_lanes(const TapConv& c) { return lanes_efficiency(c) > kLaneAdvantage * positions_efficiency(c); }
+bool tap_conv_weight_grad_suits(const TapConv& c) {
+  return tap_conv_suits(c) && (!c.x_pixel || c.OH * c.OW >= 512);
+}
+
+bool tap_conv_lanes(const TapConv& c) {
+  return c.x_pixel != 0 || lanes_efficiency(c) > kLaneAdvantage * positions_efficiency(c);
+}
 
 at::Tensor tap_conv_pack(const float* w, const TapConv& c, const std::vector<int64_t>& taps, int64_t w_taps,
                          bool transposed) {
@@ -455,8 +532,8 @@ void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapC
 
 void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapConv& c) {
   const Layout l = layout_of(c);
-  const int64_t J = c.Cin * c.R * c.S, Kpad = padded_channels(c.Kout), pixels = c.OH * c.OW;
-  const int64_t k_blocks = Kpad / WKL, j_blocks = (J + WJ - 1) / WJ;
+  const int64_t T = c.R * c.S, J = c.Cin * T, Kpad = padded_channels(c.Kout), pixels = c.OH * c.OW;
+  const int64_t k_blocks = Kpad / WKL, j_blocks = (J + WJ - 1) / WJ, ld = row_stride(Kpad);
   const int64_t threads = at::get_num_threads();
   // Images over threads need a (J, Kpad) partial sum per thread, zeroed and added up at the
   // end: worth it when each thread's images hold enough pixels to amortise that, else the
@@ -464,7 +541,7 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
   const int64_t slots = (c.N >= threads && threads > 1 && c.N / threads * pixels >= 512) ? threads : 1;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor scratch = at::zeros({slots, l.scratch}, opts);
-  at::Tensor grads = at::empty({slots, pixels * Kpad}, opts);
+  at::Tensor grads = at::empty({slots, pixels * ld}, opts);
   at::Tensor partial = at::zeros({slots, J * Kpad}, opts);  // (J, Kpad) per slot
   if (slots > 1) {
     // images over threads into per-thread partial sums, added up in a fixed order
@@ -473,13 +550,13 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
       const at::ThreadLocalStateGuard guard(state);
       for (int64_t t = t0; t < t1; ++t) {
         float* P = scratch.data_ptr<float>() + t * l.scratch;
-        float* dT = grads.data_ptr<float>() + t * pixels * Kpad;
+        float* dT = grads.data_ptr<float>() + t * pixels * ld;
         float* acc = partial.data_ptr<float>() + t * J * Kpad;
         for (int64_t n = t; n < c.N; n += threads) {
           fill_padded(x + n * c.x_image, P, c, l);
-          transpose_grad(dy + n * c.y_image, dT, c.Kout, Kpad, pixels);
+          transpose_grad(dy + n * c.y_image, dT, c, Kpad, ld, pixels);
           for (int64_t jb = 0; jb < j_blocks; ++jb)
-            for (int64_t kb = 0; kb < k_blocks; ++kb) weight_grad_block(dT, Kpad, P, c, l, kb * WKL, jb * WJ, acc);
+            for (int64_t kb = 0; kb < k_blocks; ++kb) weight_grad_block(dT, ld, Kpad, P, c, l, kb * WKL, jb * WJ, acc);
         }
       }
     });
@@ -489,10 +566,10 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
     float* acc = partial.data_ptr<float>();
     for (int64_t n = 0; n < c.N; ++n) {  // images in order, each block's sum by one task
       fill_padded(x + n * c.x_image, P, c, l);
-      transpose_grad(dy + n * c.y_image, dT, c.Kout, Kpad, pixels);
+      transpose_grad(dy + n * c.y_image, dT, c, Kpad, ld, pixels);
       at::parallel_for(0, k_blocks * j_blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
-          weight_grad_block(dT, Kpad, P, c, l, (b % k_blocks) * WKL, (b / k_blocks) * WJ, acc);
+          weight_grad_block(dT, ld, Kpad, P, c, l, (b % k_blocks) * WKL, (b / k_blocks) * WJ, acc);
       });
     }
   }
@@ -508,7 +585,8 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
       for (int64_t k0 = 0; k0 < c.Kout; k0 += kT) {
         const int64_t nk = std::min(kT, c.Kout - k0);
         for (int64_t jj = 0; jj < nj; ++jj) {
-          const float* row = p + (j0 + jj) * Kpad + k0;
+          const int64_t ch = (j0 + jj) / T, t = (j0 + jj) % T;  // dw's column j0 + jj
+          const float* row = p + (c.x_pixel ? t * c.Cin + ch : j0 + jj) * Kpad + k0;
           for (int64_t kk = 0; kk < nk; ++kk) {
             float sum = row[kk];
             for (int64_t t = 1; t < slots; ++t) sum += row[t * J * Kpad + kk];

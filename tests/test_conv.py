@@ -135,6 +135,29 @@ def test_cpp_direct_taps(transpose, case, dtype):
         _compare("cpu", dtype, xs, ws, kwargs, transpose)
 
 
+# channels_last float32 planes the tap kernels take (csrc/conv_taps.cpp, the channel-lane
+# kernel over padded NHWC copies): at least 64 output pixels and a vector of output
+# channels, forward and input gradient (per stride phase); the weight gradient from 512
+# output pixels. Channel counts off the vector width (row strides padded past them), groups
+# (an image's channels a slice of each pixel's), images over threads and one image.
+TAP_NHWC_CASES = [
+    (False, (2, 20, 12, 12), (24, 20, 3, 3), dict(padding=1)),           # partial channel block
+    (False, (1, 9, 26, 24), (20, 9, 3, 3), dict(padding=1)),             # weight gradient, one image
+    (False, (4, 8, 24, 24), (16, 8, 3, 3), dict(padding=(0, 2), dilation=(1, 2))),  # images over threads
+    (False, (2, 16, 34, 34), (32, 8, 3, 3), dict(stride=2, padding=(1, 2), dilation=(1, 2), groups=2)),
+    (False, (1, 32, 26, 26), (32, 16, 3, 3), dict(padding=1, groups=2)),  # weight gradient per group
+    (False, (2, 16, 30, 30), (16, 16, 3, 3), dict(stride=2, padding=1)),  # input gradient: 4 phases of 15x15
+    (False, (1, 3, 50, 50), (16, 3, 7, 7), dict(stride=2, padding=3)),    # the stem's shape class
+    (True, (2, 32, 10, 10), (32, 16, 4, 4), dict(stride=2, padding=1)),   # decoder: 4 phases of 10x10
+]
+
+
+@pytest.mark.parametrize("transpose,xs,ws,kwargs", TAP_NHWC_CASES, ids=str)
+def test_cpp_direct_taps_channels_last(transpose, xs, ws, kwargs):
+    with pyops.backend("cpp"):
+        _compare("cpu", torch.float32, xs, ws, kwargs, transpose, channels_last=True)
+
+
 # One input channel per group on rows wider than one vector: the C++ direct kernels' row
 # blocks of 1, 2 and 4 vectors (and 8 in AVX2 builds), several blocks per row and partial
 # last vectors; the weight gradient's 3x3 kernel (all taps' sums in registers) and its
