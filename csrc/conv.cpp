@@ -453,20 +453,21 @@ inline void inside_taps(const Geom& g, int64_t ow, int64_t& s_lo, int64_t& s_hi)
   s_hi = std::max(s_hi, s_lo);
 }
 
-// col (OH*OW, R*S*Cg) of one image's group; x points at the image, channel offset c0.
+// col ((oh1 - oh0)*OW, R*S*Cg): output rows [oh0, oh1) of one image's group (whole image:
+// 0, OH); x points at the image, channel offset c0.
 // Taps outside the input are zeros. With one group and unit column dilation a patch row's
 // taps r, s_lo..s_hi-1 are one contiguous run of the input row (the ResNet stem's 7 taps of
 // 3 channels: one 21-element copy, not seven 3-element ones).
 template <typename T>
-void im2col_nhwc(const T* __restrict x, T* __restrict col, const Geom& g, int64_t c0) {
+void im2col_nhwc(const T* __restrict x, T* __restrict col, const Geom& g, int64_t c0, int64_t oh0, int64_t oh1) {
   const int64_t Cg = g.Cg(), SC = g.S * Cg, RSC = g.R * SC;
   const bool runs = g.G == 1 && g.dw == 1;
-  for (int64_t oh = 0; oh < g.OH; ++oh) {
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
     for (int64_t ow = 0; ow < g.OW; ++ow) {
       int64_t s_lo, s_hi;
       inside_taps(g, ow, s_lo, s_hi);
       const int64_t w0 = ow * g.sw - g.pw;
-      T* dst = col + (oh * g.OW + ow) * RSC;
+      T* dst = col + ((oh - oh0) * g.OW + ow) * RSC;
       for (int64_t r = 0; r < g.R; ++r, dst += SC) {
         const int64_t h = oh * g.sh - g.ph + r * g.dh;
         if (h < 0 || h >= g.H || s_lo == s_hi) {
@@ -490,15 +491,15 @@ void im2col_nhwc(const T* __restrict x, T* __restrict col, const Geom& g, int64_
 }
 
 template <typename T>
-void col2im_nhwc(const T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t c0) {
+void col2im_nhwc(const T* __restrict dcol, T* __restrict dx, const Geom& g, int64_t c0, int64_t oh0, int64_t oh1) {
   const int64_t Cg = g.Cg(), SC = g.S * Cg, RSC = g.R * SC;
   const bool runs = g.G == 1 && g.dw == 1;
-  for (int64_t oh = 0; oh < g.OH; ++oh) {
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
     for (int64_t ow = 0; ow < g.OW; ++ow) {
       int64_t s_lo, s_hi;
       inside_taps(g, ow, s_lo, s_hi);
       const int64_t w0 = ow * g.sw - g.pw;
-      const T* src = dcol + (oh * g.OW + ow) * RSC;
+      const T* src = dcol + ((oh - oh0) * g.OW + ow) * RSC;
       for (int64_t r = 0; r < g.R; ++r, src += SC) {
         const int64_t h = oh * g.sh - g.ph + r * g.dh;
         if (h < 0 || h >= g.H) continue;
@@ -580,7 +581,7 @@ at::Tensor im2col_nhwc_all(const at::Tensor& x, const Geom& g) {
   const T* xp = x.data_ptr<T>();
   T* cp = col.data_ptr<T>();
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) im2col_nhwc<T>(xp + n * g.H * g.W * g.C, cp + n * OHW * RSC, g, 0);
+    for (int64_t n = n0; n < n1; ++n) im2col_nhwc<T>(xp + n * g.H * g.W * g.C, cp + n * OHW * RSC, g, 0, 0, g.OH);
   });
   return col;
 }
@@ -1378,29 +1379,34 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& y,
     });
   } else {
     const at::Tensor wt = w.permute({0, 2, 3, 1}).contiguous().view({g.K, RS * Cg});  // (K, R*S*Cg)
+    const int64_t rows = tile_rows(g, x.element_size());
     std::vector<at::Tensor> cols(slots), outs(slots);
     for (int64_t i = 0; i < slots; ++i) {
-      if (!(pointwise && g.G == 1)) cols[i] = at::empty({OHW, RS * Cg}, x.options());
-      if (g.G > 1) outs[i] = at::empty({OHW, Kg}, x.options());
+      if (!(pointwise && g.G == 1)) cols[i] = at::empty({rows * g.OW, RS * Cg}, x.options());
+      if (g.G > 1) outs[i] = at::empty({rows * g.OW, Kg}, x.options());
     }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_forward_nhwc", [&] {
       for_each_image(g.N, [&](int64_t n, int64_t slot) {
         const scalar_t* xn = x.data_ptr<scalar_t>() + n * g.H * g.W * g.C;
         at::Tensor yn = y[n].permute({1, 2, 0}).reshape({OHW, g.K});  // a view: y is NHWC-dense
+        if (pointwise && g.G == 1) {
+          at::mm_out(yn, x[n].permute({1, 2, 0}).reshape({OHW, g.C}), wt.t());
+          return;
+        }
         for (int64_t grp = 0; grp < g.G; ++grp) {
-          at::Tensor col;
-          if (pointwise && g.G == 1) {
-            col = x[n].permute({1, 2, 0}).reshape({OHW, g.C});
-          } else {
-            col = cols[slot];
-            im2col_nhwc<scalar_t>(xn, col.data_ptr<scalar_t>(), g, grp * Cg);
-          }
           const at::Tensor wg = wt.narrow(0, grp * Kg, Kg).t();
-          if (g.G == 1) {
-            at::mm_out(yn, col, wg);
-          } else {
-            at::mm_out(outs[slot], col, wg);
-            yn.narrow(1, grp * Kg, Kg).copy_(outs[slot]);
+          for (int64_t oh0 = 0; oh0 < g.OH; oh0 += rows) {  // patch tiles that stay in cache
+            const int64_t oh1 = std::min(g.OH, oh0 + rows), pixels = (oh1 - oh0) * g.OW;
+            const at::Tensor col = cols[slot].narrow(0, 0, pixels);
+            im2col_nhwc<scalar_t>(xn, col.data_ptr<scalar_t>(), g, grp * Cg, oh0, oh1);
+            at::Tensor tile = yn.narrow(0, oh0 * g.OW, pixels);
+            if (g.G == 1) {
+              at::mm_out(tile, col, wg);
+            } else {
+              at::Tensor out = outs[slot].narrow(0, 0, pixels);
+              at::mm_out(out, col, wg);
+              tile.narrow(1, grp * Kg, Kg).copy_(out);
+            }
           }
         }
       });
@@ -1448,7 +1454,7 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
       scalar_t* px = dx.data_ptr<scalar_t>();
       at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
         for (int64_t n = n0; n < n1; ++n)
-          col2im_nhwc<scalar_t>(pc + n * OHW * RS * Cg, px + n * g.H * g.W * g.C, g, 0);
+          col2im_nhwc<scalar_t>(pc + n * OHW * RS * Cg, px + n * g.H * g.W * g.C, g, 0, 0, g.OH);
       });
     });
     return;
@@ -1522,8 +1528,9 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
     });
   } else {
     const at::Tensor wt = w.permute({0, 2, 3, 1}).contiguous().view({g.K, RS * Cg});
+    const int64_t rows = tile_rows(g, dy.element_size());
     std::vector<at::Tensor> cols(slots);
-    for (auto& col : cols) col = at::empty({OHW, RS * Cg}, dy.options());
+    for (auto& col : cols) col = at::empty({rows * g.OW, RS * Cg}, dy.options());
     AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "conv2d_input_grad_nhwc", [&] {
       for_each_image(g.N, [&](int64_t n, int64_t slot) {
         const at::Tensor dyn = dy[n].permute({1, 2, 0}).reshape({OHW, g.K});
@@ -1535,8 +1542,12 @@ void input_grad_impl(const at::Tensor& dy, const at::Tensor& w, const at::Tensor
             at::Tensor out = dx[n].permute({1, 2, 0}).reshape({OHW, g.C});
             at::mm_out(out, dyg, wg);
           } else {
-            at::mm_out(cols[slot], dyg, wg);
-            col2im_nhwc<scalar_t>(cols[slot].data_ptr<scalar_t>(), dxn, g, grp * Cg);
+            for (int64_t oh0 = 0; oh0 < g.OH; oh0 += rows) {  // patch-gradient tiles that stay in cache
+              const int64_t oh1 = std::min(g.OH, oh0 + rows), pixels = (oh1 - oh0) * g.OW;
+              at::Tensor dcol = cols[slot].narrow(0, 0, pixels);
+              at::mm_out(dcol, dyg.narrow(0, oh0 * g.OW, pixels), wg);
+              col2im_nhwc<scalar_t>(dcol.data_ptr<scalar_t>(), dxn, g, grp * Cg, oh0, oh1);
+            }
           }
         }
       });
@@ -1621,7 +1632,7 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
             col = x[n].permute({1, 2, 0}).reshape({OHW, g.C});
           } else {
             col = cols[slot];
-            im2col_nhwc<scalar_t>(xn, col.data_ptr<scalar_t>(), g, grp * Cg);
+            im2col_nhwc<scalar_t>(xn, col.data_ptr<scalar_t>(), g, grp * Cg, 0, g.OH);
           }
           at::Tensor out = acc.narrow(0, grp * Kg, Kg);
           out.addmm_(dyn.narrow(1, grp * Kg, Kg).t(), col);
