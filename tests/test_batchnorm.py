@@ -127,12 +127,13 @@ def test_cpp_small_planes_match_float64(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", [(3, 70, 5, 6), (2, 40, 3, 5), (5, 130, 4, 4)])
+@pytest.mark.parametrize("shape", [(3, 70, 5, 6), (2, 40, 3, 5), (5, 130, 4, 4), (2, 96, 64, 48)])
 def test_cpp_channels_last_blocks_match_float64(shape, training, dtype):
     """C++ channels_last float/double kernels hold blocks of 4 vectors of channels in registers
     (64 float or 32 double channels): 70 and 130 channels are whole blocks plus a partial one,
     40 a partial block whose last vector is itself partial; 90 and 80 rows span several row
-    tiles. Forward, running stats and all gradients against torch in float64."""
+    tiles. 2x96x64x48 is past 2 MB: normalised and differentiated row by row, its sums over
+    many row tiles. Forward, running stats and all gradients against torch in float64."""
     torch.manual_seed(0)
     C = shape[1]
     x64 = (torch.randn(shape, dtype=torch.float64) * 3 + 50).to(dtype).double()
