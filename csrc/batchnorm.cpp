@@ -37,11 +37,11 @@ namespace {
 
 constexpr int64_t kTile = 4096;       // elements per channel summed before a merge in double
 constexpr int64_t kMinTileRows = 16;    // channel-minor tiles: enough rows per merge in double
-// Channel-minor reductions sum tiles of about this many elements (kMinTileRows rows at
-// least) before adding each channel's sums up in double: a 4096-element tile of 256
-// channels was 16 rows, and its per-channel double work per tile a fifth of the pass (one
-// thread, 2x256x56x56 gradient sums 0.35-0.42 -> 0.31 ms). A tile stays in L2 for the
-// statistics' second pass.
+// Channel-minor reductions sum tiles of about this many elements (kMinTileRows to kTile
+// rows) before adding each channel's sums up in double: a 4096-element tile of 256
+// channels was 16 rows, and its per-channel double work a large part of the pass
+// (2x256x56x56 gradient sums: one thread 0.35-0.42 -> 0.28-0.34 ms, two 0.13-0.16 ->
+// 0.11-0.14). A tile stays in L2 for the statistics' second pass.
 constexpr int64_t kRowTile = 16384;
 constexpr int64_t kMinTaskWork = 32768;  // elements per task, so small inputs do not pay for threads
 constexpr int64_t kSmallPlane = 64;      // NCL planes smaller than this reduce across images (see SmallPlanes)
@@ -224,7 +224,6 @@ constexpr int kBlockVecs = 4;
 // Rows per reload of a block's coefficients: a tile of about kAffineTile elements per
 // tensor, so that the blocks' passes over it stay in L1 (32 rows of 256 channels did not).
 constexpr int64_t kAffineTile = 2048;
-constexpr int64_t kStreamBytes = 2 << 20;  // channels_last applies on inputs past this may go row by row
 
 template <typename T>
 using VecT = at::vec::Vectorized<T>;
@@ -568,7 +567,7 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
     std::vector<double> tm_d(C);
     if (b < e)
       for (int64_t ch = 0; ch < C; ++ch) piv[ch] = static_cast<opmath_t>(px[b * C + ch]);
-    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, kRowTile / std::max<int64_t>(C, 1));
+    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, std::min(kTile, kRowTile / std::max<int64_t>(C, 1)));
     for (int64_t r = b; r < e; r += tile_rows) {
       const int64_t rows = std::min(tile_rows, e - r);
       const scalar_t* tile = px + r * C;
@@ -631,7 +630,7 @@ void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, co
     std::vector<double> tot_dy(C, 0.0), tot_dyx(C, 0.0);
     std::vector<opmath_t> a(C), bb(C), mm(C);
     for (int64_t ch = 0; ch < C; ++ch) mm[ch] = static_cast<opmath_t>(mean[ch]);
-    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, kRowTile / std::max<int64_t>(C, 1));
+    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, std::min(kTile, kRowTile / std::max<int64_t>(C, 1)));
     for (int64_t r = b; r < e; r += tile_rows) {
       const int64_t rows = std::min(tile_rows, e - r);
       opmath_t* __restrict pa = a.data();
@@ -745,18 +744,8 @@ void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::T
   }
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(C, 1));
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    // Tiles of rows, each block of channels walking the tile with its coefficients in
-    // registers. On tensors past kStreamBytes of 2-8 blocks of channels, rows in order
-    // (each block's coefficients reloaded per row) ran faster than that block order, which
-    // reads a few lines of each row, C floats apart. One thread, channels_last, as a
-    // training step runs them (fresh outputs), forward (statistics and apply) / input
-    // gradient in ms: 2x256x56x56 0.75-0.87 / 0.64-0.76 -> 0.58-0.62 / 0.52-0.54;
-    // 8x512x28x28 1.94-2.15 / 1.48-1.66 -> 1.62-1.87 / 1.34-1.60. Wider rows keep the
-    // tiles: 8x2048x7x7 took 0.29-0.30 / 0.18-0.22 with them, 0.34-0.40 / 0.30-0.35 without.
-    const bool stream = C > block_width<opmath_t>() && C <= 8 * block_width<opmath_t>() &&
-                        v.N * L * C * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
-    const int64_t tile_rows = stream ? 1 : std::clamp<int64_t>(kAffineTile / std::max<int64_t>(C, 1), 4, 32);
     at::parallel_for(0, v.N * L, grain, [&](int64_t b, int64_t e) {
+      const int64_t tile_rows = std::clamp<int64_t>(kAffineTile / std::max<int64_t>(C, 1), 4, 32);
       for (int64_t r0 = b; r0 < e; r0 += tile_rows) {
         const int64_t rows = std::min(tile_rows, e - r0);
         for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {

@@ -132,8 +132,8 @@ def test_cpp_channels_last_blocks_match_float64(shape, training, dtype):
     """C++ channels_last float/double kernels hold blocks of 4 vectors of channels in registers
     (64 float or 32 double channels): 70 and 130 channels are whole blocks plus a partial one,
     40 a partial block whose last vector is itself partial; 90 and 80 rows span several row
-    tiles. 2x96x64x48 is past 2 MB: normalised and differentiated row by row, its sums over
-    many row tiles. Forward, running stats and all gradients against torch in float64."""
+    tiles, 2x96x64x48's 6144 rows many reduction tiles. Forward, running stats and all
+    gradients against torch in float64."""
     torch.manual_seed(0)
     C = shape[1]
     x64 = (torch.randn(shape, dtype=torch.float64) * 3 + 50).to(dtype).double()
