@@ -17,7 +17,7 @@
 // float32 convolutions with planes of at least 192 output pixels (and 8 output channels;
 // channels_last: 64 pixels and a vector of channels) skip the patch matrix:
 // csrc/conv_taps.cpp runs the forward, the input gradient (one stride-1 part per stride
-// phase) and the weight gradient (channels_last: from 512 pixels) as register-blocked
+// phase) and the weight gradient (on small planes only for few channels) as register-blocked
 // direct kernels, which reach 1.3-1.4x BLAS's rate on these operand shapes. Small planes
 // (deep layers), float64 and 1x1 stride-1 convolutions stay on the GEMM paths here.
 //

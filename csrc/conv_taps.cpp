@@ -404,7 +404,7 @@ bool tap_conv_suits(const TapConv& c) {
 constexpr double kLaneAdvantage = 1.15;
 
 bool tap_conv_weight_grad_suits(const TapConv& c) {
-  return tap_conv_suits(c) && (!c.x_pixel || c.OH * c.OW >= 512);
+  return tap_conv_suits(c) && (c.OH * c.OW >= 512 || c.Cin * c.Kout < 128 * 128);
 }
 
 bool tap_conv_lanes(const TapConv& c) {

@@ -52,12 +52,13 @@ void tap_conv_run(const float* x, const at::Tensor& packed, float* y, const TapC
 // planes, y_image apart, dense or channels_last as y's strides say) for input x.
 void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapConv& c);
 
-// Whether tap_conv_weight_grad pays for this shape: tap_conv_suits, and for channels_last
-// input planes of at least 512 output pixels. Its (Cin * R * S, Kout) partial sums are
-// added to once per image and block of rows; on small planes that traffic outweighs the
-// GEMM it replaces (one thread, 2x256x14x14 3x3: 6.5 against 5.1 ms, 2x64x56x56: 5.2
-// against 5.7-6.4). NCHW planes, whose input reads run along rows, keep the kernel from
-// tap_conv_suits' 192 pixels.
+// Whether tap_conv_weight_grad pays for this shape: tap_conv_suits, and planes of at least
+// 512 output pixels or fewer than 128 x 128 channel pairs. Its (Cin * R * S, Kout) partial
+// sums are added to once per image and block of rows; on small planes of many channels
+// that traffic outweighs the GEMM it replaces, which runs those operands at a good rate
+// (2 threads, 3x3 on 2x256x14x14: NCHW 2.9 -> 2.4 ms by GEMM, channels_last 6.5 against
+// 5.1 on one thread), while few channels favour the kernel (4x64x20x20 channels_last: 0.74
+// against GEMM's 0.86-0.95).
 bool tap_conv_weight_grad_suits(const TapConv& c);
 
 }  // namespace pyops

@@ -138,7 +138,7 @@ def test_cpp_direct_taps(transpose, case, dtype):
 # channels_last float32 planes the tap kernels take (csrc/conv_taps.cpp, the channel-lane
 # kernel over padded NHWC copies): at least 64 output pixels and a vector of output
 # channels, forward and input gradient (per stride phase); the weight gradient from 512
-# output pixels. Channel counts off the vector width (row strides padded past them), groups
+# output pixels or with fewer than 128 x 128 channel pairs. Channel counts off the vector width (row strides padded past them), groups
 # (an image's channels a slice of each pixel's), images over threads and one image.
 TAP_NHWC_CASES = [
     (False, (2, 20, 12, 12), (24, 20, 3, 3), dict(padding=1)),           # partial channel block
