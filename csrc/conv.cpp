@@ -1624,7 +1624,9 @@ void weight_grad_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   if (use_taps(g, x, {forward_taps(g, cl)}, true)) {
     const TapConv tc = forward_taps(g, cl).tc;
     for (int64_t grp = 0; grp < g.G; ++grp) {
-      tap_conv_weight_grad(x.data_ptr<float>() + grp * Cg * (cl ? 1 : g.H * g.W), dy.data_ptr<float>() + grp * Kg * (cl ? 1 : OHW),
+      // a group's channels: a slice of each pixel (channels_last) or of the planes
+      tap_conv_weight_grad(x.data_ptr<float>() + grp * Cg * (cl ? 1 : g.H * g.W),
+                           dy.data_ptr<float>() + grp * Kg * (cl ? 1 : OHW),
                            dw.data_ptr<float>() + grp * Kg * Cg * RS, tc);
     }
     return;

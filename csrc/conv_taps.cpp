@@ -16,8 +16,9 @@
 // ((r*dh) / sh, (s*dw) / sw), so every stride and dilation is a unit-stride read.
 //
 // channels_last input is copied into the same padded positions, each holding its Cin
-// channels (position stride Cin, channel stride 1 instead of 1 and the phase planes):
-// only the channel-lane kernel below runs it, whose broadcasts read one float at a time.
+// channels (position stride row_stride(Cin) and channel stride 1, instead of 1 and the
+// phase planes): only the channel-lane kernel below runs it, whose broadcasts read one
+// float at a time, and the weight-gradient kernel.
 //
 // Images are spread over threads when there are at least as many as threads, else each
 // image's output blocks are; every output element is written by one task (deterministic).
@@ -98,26 +99,26 @@ Layout layout_of(const TapConv& c) {
 // channels_last: P[a][b][i][j][c], each position's Cin channels copied as one run (ps
 // floats apart; the floats past Cin are never read).
 void fill_padded_nhwc(const float* __restrict x, float* __restrict P, const TapConv& c, const Layout& l) {
-  const int64_t C = l.ps;
+  const int64_t ps = l.ps;
   for (int64_t a = 0; a < c.sh; ++a) {
     if (!l.row_used[a]) continue;
     for (int64_t b = 0; b < c.sw; ++b) {
       if (!l.col_used[b]) continue;
-      float* dst = P + (a * c.sw + b) * l.phase * C;
+      float* dst = P + (a * c.sw + b) * l.phase * ps;
       const int64_t off = b - c.pw;
       int64_t lo, hi;
       valid_range(off, c.sw, c.W, l.Wq, lo, hi);
-      for (int64_t i = 0; i < l.Hq; ++i, dst += l.Wq * C) {
+      for (int64_t i = 0; i < l.Hq; ++i, dst += l.Wq * ps) {
         const int64_t h = a + i * c.sh - c.ph;
         if (h < 0 || h >= c.H || lo == hi) {
-          std::fill(dst, dst + l.Wq * C, 0.f);
+          std::fill(dst, dst + l.Wq * ps, 0.f);
           continue;
         }
-        std::fill(dst, dst + lo * C, 0.f);
+        std::fill(dst, dst + lo * ps, 0.f);
         const float* src = x + (h * c.W + lo * c.sw + off) * c.x_pixel;
         for (int64_t j = lo; j < hi; ++j)
-          std::memcpy(dst + j * C, src + (j - lo) * c.sw * c.x_pixel, c.Cin * sizeof(float));
-        std::fill(dst + hi * C, dst + l.Wq * C, 0.f);
+          std::memcpy(dst + j * ps, src + (j - lo) * c.sw * c.x_pixel, c.Cin * sizeof(float));
+        std::fill(dst + hi * ps, dst + l.Wq * ps, 0.f);
       }
     }
   }
@@ -335,8 +336,8 @@ inline int64_t padded_channels(int64_t K) { return (K + WKL - 1) / WKL * WKL; }
 inline int64_t grad_channel(const TapConv& c, int64_t j) { return c.x_pixel ? j % c.Cin : j / (c.R * c.S); }
 inline int64_t grad_tap(const TapConv& c, int64_t j) { return c.x_pixel ? j / c.Cin : j % (c.R * c.S); }
 
-// dT (OH*OW, Kpad), rows ld apart, = dy (K, OH*OW) transposed (channels_last dy: its rows, y_col apart),
-// zeros past K.
+// dT (OH*OW, Kpad), rows ld apart, = dy (K, OH*OW) transposed (channels_last dy: its
+// rows, y_col apart), zeros past K.
 void transpose_grad(const float* __restrict dy, float* __restrict dT, const TapConv& c, int64_t Kpad, int64_t ld,
                     int64_t pixels) {
   const int64_t K = c.Kout;
@@ -352,8 +353,8 @@ void transpose_grad(const float* __restrict dy, float* __restrict dT, const TapC
 }
 
 // dwT (J, Kpad) rows [j0, j0 + WJ), columns [k0, k0 + WKL) += the block's sums for one image.
-void weight_grad_block(const float* __restrict dT, int64_t ld, int64_t Kpad, const float* __restrict P, const TapConv& c,
-                       const Layout& l, int64_t k0, int64_t j0, float* __restrict dwT) {
+void weight_grad_block(const float* __restrict dT, int64_t ld, int64_t Kpad, const float* __restrict P,
+                       const TapConv& c, const Layout& l, int64_t k0, int64_t j0, float* __restrict dwT) {
   const int64_t T = c.R * c.S, J = c.Cin * T, nj = std::min(WJ, J - j0);
   const float* xs[WJ];
   for (int64_t j = 0; j < WJ; ++j) {  // a tail block repeats its last tap
