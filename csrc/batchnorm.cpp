@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1188,10 +1189,29 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
 
 }  // namespace
 
-at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const c10::optional<at::Tensor>& running_mean,
+// Whether batch norm of x (N, C, *) runs, and returns, channel-minor: torch's channels_last
+// rule (suggest_memory_format; contiguous tensors are channel-major), as pyops.ops.batch_norm.is_nlc.
+static bool runs_channel_minor(const at::Tensor& x) {
+  return (x.dim() == 4 || x.dim() == 5) && !x.is_contiguous() &&
+         x.suggest_memory_format() != at::MemoryFormat::Contiguous;
+}
+
+// The (N, C, L) view of x the kernels read, in its storage order (copied only when x is not
+// dense in it): made below autograd, a detached kernel operand, as pyops.ops.batch_norm.as_ncl.
+static at::Tensor ncl_operand(const at::Tensor& x, bool channels_last) {
+  const at::AutoDispatchBelowADInplaceOrView kernel_views;
+  const int64_t N = x.size(0), C = x.size(1), L = c10::multiply_integers(x.sizes().slice(2));
+  const at::Tensor t = channels_last ? x.movedim(1, -1).contiguous().movedim(-1, 1) : x.contiguous();
+  return t.view({N, C, L});
+}
+
+at::Tensor batch_norm_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
-                               bool channels_last) {
+                               const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps) {
+  TORCH_CHECK(!running_mean.has_value() || running_mean->is_contiguous(), "pyops: running_mean must be contiguous");
+  TORCH_CHECK(!running_var.has_value() || running_var->is_contiguous(), "pyops: running_var must be contiguous");
+  const bool channels_last = runs_channel_minor(x);
+  const at::Tensor x3 = ncl_operand(x, channels_last);
   if (records_node({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor())}))
     return BatchNormNode::apply(x, x3, running_mean, running_var, weight, bias, training, momentum, eps,
                                 channels_last);

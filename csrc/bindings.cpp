@@ -50,10 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
     const c10::optional<at::Tensor>& ggx, const c10::optional<at::Tensor>& ggw, const c10::optional<at::Tensor>& ggb,
     const at::Tensor& g, const at::Tensor& x, const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
     const at::Tensor& var, double eps, bool training);
-at::Tensor batch_norm_autograd(const at::Tensor& x, const at::Tensor& x3, const c10::optional<at::Tensor>& running_mean,
+at::Tensor batch_norm_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps,
-                               bool channels_last);
+                               const c10::optional<at::Tensor>& bias, bool training, double momentum, double eps);
 at::Tensor conv2d_autograd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                            std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                            int64_t groups, std::vector<int64_t> out_hw, bool channels_last, bool transposed);

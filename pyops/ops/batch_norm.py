@@ -372,12 +372,11 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
                bias: Tensor | None, training: bool, momentum: float, eps: float) -> Tensor:
     """Batch norm with autograd, arguments already checked: ``BatchNormFunction`` or, where
     ``runs_cpp_eagerly`` says so, its C++ twin ``batch_norm_autograd`` (same kernels; it
-    records its node only when a gradient is needed)."""
+    records its node only when a gradient is needed, and makes the (N, C, L) view with
+    ``is_nlc``'s rule and ``_check_running``'s checks itself)."""
     if runs_cpp_eagerly((x, running_mean, running_var, weight, bias)):
-        _check_running(running_mean, running_var)
-        nlc = is_nlc(x)
-        return cpp_extension().batch_norm_autograd(x, as_ncl(x.detach(), nlc), running_mean, running_var, weight,
-                                                   bias, training, momentum, eps, nlc)
+        return cpp_extension().batch_norm_autograd(x, running_mean, running_var, weight, bias, training, momentum,
+                                                   eps)
     return apply_function(BatchNormFunction, x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
