@@ -88,6 +88,41 @@ def test_batch_norm_matches_torch(backend_device, dtype, shape, channels_last, t
         torch.testing.assert_close(a.cpu().double(), r.to(a.dtype).double(), atol=atol * scale, rtol=rtol * scale)
 
 
+# Input layouts: how batch norm picks its storage order (torch's suggest_memory_format rule)
+# and what the output's strides are, as torch's. (shape, make the view from a contiguous x)
+LAYOUTS = [
+    ((3, 4, 5, 6), lambda x: x.contiguous(memory_format=torch.channels_last)),
+    ((2, 3, 4, 3, 5), lambda x: x.contiguous(memory_format=torch.channels_last_3d)),
+    ((3, 4, 5, 6), lambda x: x.transpose(2, 3)),                     # not dense in either order
+    ((3, 4, 5, 12), lambda x: x[..., ::2]),                          # strided view
+    ((3, 4, 5, 6), lambda x: x.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)),  # C outermost
+    ((3, 4, 1, 1), lambda x: x.contiguous(memory_format=torch.channels_last)),  # both orders at once
+    ((2, 5, 7), lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)),    # (N, L, C) storage, 3-D
+]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,layout", LAYOUTS)
+def test_input_layouts_match_torch(backend_device, shape, layout, training):
+    torch.manual_seed(0)
+    x = layout(torch.randn(shape, dtype=torch.float64))
+    g = layout(torch.randn(shape, dtype=torch.float64))
+    C = x.shape[1]
+    params = _params(C, torch.float64, "cpu", True)
+    results = []
+    for fn, dev in ((F.batch_norm, "cpu"), (pyops.functional.batch_norm, backend_device)):
+        w, b, rm, rv = [t.detach().clone().to(dev) for t in params]
+        w.requires_grad_(), b.requires_grad_()
+        xi = x.to(dev).requires_grad_()
+        y = fn(xi, rm, rv, w, b, training, 0.1, 1e-5)
+        results.append((y, rm, rv, *torch.autograd.grad(y, (xi, w, b), g.to(dev))))
+    ref, ours = results
+    assert ours[0].stride() == ref[0].stride()
+    assert ours[3].stride() == ref[3].stride()
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a.cpu(), r, atol=1e-10, rtol=1e-10)
+
+
 def test_large_mean_float32_keeps_the_variance(backend_device):
     """Mean 1e4, std 1 in float32: a one-pass E[x^2] - E[x]^2 would lose the variance entirely."""
     torch.manual_seed(0)
