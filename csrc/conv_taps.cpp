@@ -586,8 +586,8 @@ void tap_conv_weight_grad(const float* x, const float* dy, float* dw, const TapC
       for (int64_t k0 = 0; k0 < c.Kout; k0 += kT) {
         const int64_t nk = std::min(kT, c.Kout - k0);
         for (int64_t jj = 0; jj < nj; ++jj) {
-          const int64_t ch = (j0 + jj) / T, t = (j0 + jj) % T;  // dw's column j0 + jj
-          const float* row = p + (c.x_pixel ? t * c.Cin + ch : j0 + jj) * Kpad + k0;
+          const int64_t ch = (j0 + jj) / T, tap = (j0 + jj) % T;  // dw's column j0 + jj
+          const float* row = p + (c.x_pixel ? tap * c.Cin + ch : j0 + jj) * Kpad + k0;
           for (int64_t kk = 0; kk < nk; ++kk) {
             float sum = row[kk];
             for (int64_t t = 1; t < slots; ++t) sum += row[t * J * Kpad + kk];
