@@ -76,6 +76,14 @@ def check_bias(weight: Tensor, bias, channels: int) -> None:
                            f"{channels} elements, but got bias of size {list(bias.shape)} instead")
 
 
+def check_empty_input(x: Tensor) -> None:
+    """torch convolves an empty input only when its batch or its channels are empty (an
+    empty plane with images and channels is an error, ATen's select_conv_backend)."""
+    if x.numel() == 0 and x.shape[0] != 0 and x.shape[1] != 0:
+        raise RuntimeError(f"Only zero batch or zero channel inputs are supported, but got input shape: "
+                           f"{list(x.shape)}")
+
+
 def conv_padding(padding, weight: Tensor, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
     """(top/left padding, total padding) per spatial dim for an int, pair, 'valid' or 'same'."""
     if isinstance(padding, str):
@@ -103,7 +111,10 @@ def conv_output_size(input: Tensor, weight: Tensor, stride, pad_total, dilation)
 
 
 def transpose_output_size(input: Tensor, weight: Tensor, stride, padding, output_padding, dilation):
-    """conv_transpose2d's output (H, W): (in - 1) * stride - 2 * pad + dil * (k - 1) + output_padding + 1."""
+    """conv_transpose2d's output (H, W): (in - 1) * stride - 2 * pad + dil * (k - 1) + output_padding + 1.
+
+    A size of 0 is an error, as in torch's reference kernel, except for an empty input (no
+    images or no channels), whose empty output torch returns; a negative size always is."""
     for op, s, d in zip(output_padding, stride, dilation):
         if op >= s and op >= d:
             raise RuntimeError(
@@ -112,7 +123,7 @@ def transpose_output_size(input: Tensor, weight: Tensor, stride, padding, output
                 f"stride_width: {stride[1]} dilation_height: {dilation[0]} dilation_width: {dilation[1]}")
     out = tuple((input.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1)
                 + output_padding[i] + 1 for i in range(2))
-    if any(o <= 0 for o in out):
+    if any(o < 0 or (o == 0 and input.numel() > 0) for o in out):
         raise RuntimeError(f"Given input size per channel: ({input.shape[2]} x {input.shape[3]}). "
                            f"Calculated output size per channel: ({out[0]} x {out[1]}). Output size is too small")
     return out

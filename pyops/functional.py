@@ -154,6 +154,7 @@ def _conv2d_geometry(input: Tensor, weight: Tensor, bias, stride, padding, dilat
                            f"channels instead")
     _conv.check_bias(weight, bias, weight.shape[0])
     out_hw = _conv.conv_output_size(x, weight, stride, pad_total, dilation)
+    _conv.check_empty_input(x)
     return unbatched, stride, pad, dilation, out_hw
 
 
@@ -189,7 +190,10 @@ def _conv_transpose2d_geometry(input: Tensor, weight: Tensor, bias, stride, padd
     if x.shape[1] != weight.shape[0]:
         raise RuntimeError(f"Given transposed=1, weight of size {list(weight.shape)}, expected input{list(x.shape)} "
                            f"to have {weight.shape[0]} channels, but got {x.shape[1]} channels instead")
+    if weight.shape[1] == 0:
+        raise RuntimeError(f"non-empty 4D weight tensor expected, but got: {list(weight.shape)}")
     _conv.check_bias(weight, bias, weight.shape[1] * groups)
+    _conv.check_empty_input(x)
     out_hw = _conv.transpose_output_size(x, weight, stride, pad, output_padding, dilation)
     return unbatched, stride, pad, dilation, out_hw
 

@@ -441,7 +441,33 @@ BAD_CONV_ARGS = [
     ("transpose negative padding", True, (_t(1, 4, 5, 5), _t(4, 2, 3, 3)), dict(padding=-1)),
     ("transpose output too small", True, (_t(1, 4, 1, 1), _t(4, 2, 1, 1)), dict(padding=1)),
     ("transpose groups", True, (_t(1, 4, 5, 5), _t(4, 2, 3, 3)), dict(groups=3)),
+    ("empty plane with images and channels", False, (_t(2, 3, 0, 5), _t(4, 3, 1, 1)), dict(padding=1)),
+    ("unbatched empty plane", False, (_t(3, 5, 0), _t(4, 3, 1, 1)), dict(padding=1)),
+    ("transpose empty plane", True, (_t(2, 3, 0, 5), _t(3, 4, 3, 3)), {}),
+    ("transpose no output channels", True, (_t(2, 3, 5, 5), _t(3, 0, 3, 3)), {}),
 ]
+
+
+# (input shape, weight shape, kwargs): conv_transpose2d calls of an empty batch
+EMPTY_TRANSPOSE_OUTPUTS = [
+    ((0, 3, 0, 5), (3, 4, 3, 3), dict(padding=1)),  # an empty input plane, an output height of 0
+    ((0, 3, 4, 5), (3, 2, 3, 3), dict(stride=2)),
+]
+
+
+@pytest.mark.parametrize("case", EMPTY_TRANSPOSE_OUTPUTS, ids=str)
+def test_conv_transpose2d_empty_output_like_torch(backend_device, case):
+    """An empty batch gives torch's empty output, even where its plane has size 0 (the
+    output-size check is for non-empty inputs), and empty gradients."""
+    xs, ws, kwargs = case
+    x, w, b = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in (xs, ws, (ws[1],)))
+    ref = F.conv_transpose2d(x, w, b, **kwargs)
+    mine = [t.detach().to(backend_device).requires_grad_() for t in (x, w, b)]
+    out = pyops.functional.conv_transpose2d(*mine, **kwargs)
+    assert out.shape == ref.shape
+    for got, want in zip(torch.autograd.grad(out.sum(), mine), torch.autograd.grad(ref.sum(), (x, w, b))):
+        assert got.shape == want.shape
+        assert_close(got.cpu(), want)
 
 
 @pytest.mark.parametrize("case", BAD_CONV_ARGS, ids=lambda c: c[0])
