@@ -1074,6 +1074,12 @@ using torch::autograd::variable_list;
 // A saved optional tensor (undefined when it was absent) as the optional argument it was.
 c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
+// The kernels' (N, C, L) result y3 as the output of input x; an empty input gives an empty
+// output with x's strides, as torch (which clones an empty input).
+at::Tensor output_like(const at::Tensor& y3, const at::Tensor& x) {
+  return x.numel() ? y3.view(x.sizes()) : at::empty_like(x);
+}
+
 // `grad` in the storage order of the (N, C, L) view x3 (copied only when it is not).
 at::Tensor like_view(const at::Tensor& grad, const at::Tensor& x3) {
   at::Tensor g = grad.reshape(x3.sizes());
@@ -1138,7 +1144,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const int64_t w_edge = 2 + given(running_mean) + given(running_var);
     ctx->saved_data["weight_edge"] = given(weight) ? w_edge : int64_t{-1};
     ctx->saved_data["bias_edge"] = given(bias) ? w_edge + given(weight) : int64_t{-1};
-    return y3.view(x.sizes());
+    return output_like(y3, x);
   }
 
   // (y3, mean, var, count) of the forward: batch statistics and count (training, running
@@ -1218,7 +1224,7 @@ at::Tensor batch_norm_autograd(const at::Tensor& x, const c10::optional<at::Tens
   const at::Tensor y3 =
       std::get<0>(BatchNormNode::output(x3, running_mean, running_var, weight, bias, training, momentum, eps,
                                         channels_last));
-  return y3.view(x.sizes());
+  return output_like(y3, x);
 }
 
 }  // namespace pyops

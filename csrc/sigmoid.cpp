@@ -76,8 +76,10 @@ at::Tensor with_strides(const at::Tensor& t, at::IntArrayRef strides) {
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
 }
 
+// The output keeps the dense input's strides; an empty one is contiguous, as torch's.
 at::Tensor sigmoid_out(const at::Tensor& input) {
   const at::Tensor x = dense(input);
+  if (x.numel() == 0) return at::empty(x.sizes(), x.options());
   at::Tensor y = at::empty_like(x);
   sigmoid_forward(x, y);
   return y;

@@ -56,6 +56,32 @@ def test_small_and_empty_shapes(backend_device, name, shape):
         assert_close(gx.cpu(), gr)
 
 
+# empty inputs stored other than contiguously
+EMPTY_LAYOUTS = {
+    "no images, channels_last": lambda: torch.randn(0, 3, 4, 4).to(memory_format=torch.channels_last),
+    "no images, permuted": lambda: torch.randn(4, 3, 0, 4).permute(2, 1, 0, 3),
+    "empty plane, channels_last": lambda: torch.randn(2, 3, 0, 4).to(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("layout", sorted(EMPTY_LAYOUTS))
+def test_empty_inputs_like_torch(backend_device, name, layout):
+    """The output of an empty input has torch's shape and strides (batch norm keeps the
+    input's, sigmoid's is contiguous), or pyops raises what torch raises (a convolution of
+    an empty plane with images and channels)."""
+    x = EMPTY_LAYOUTS[layout]()
+    ours, theirs = OPS[name]
+    try:
+        ref = theirs(x)
+    except Exception as error:  # noqa: BLE001 - whatever torch raises, pyops must raise too
+        with pytest.raises(type(error)):
+            ours(x.to(backend_device))
+        return
+    y = ours(x.to(backend_device))
+    assert (y.shape, y.stride()) == (ref.shape, ref.stride())
+
+
 def test_kernel_as_large_as_the_input(backend_device):
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     w = torch.randn(2, 3, 5, 4, dtype=torch.float64)

@@ -41,6 +41,12 @@ def as_ncl(t: Tensor, nlc: bool) -> Tensor:
     return t.view(N, C, L)
 
 
+def output_like(y3: Tensor, x: Tensor) -> Tensor:
+    """The kernels' (N, C, L) result as the output of input ``x``; an empty input gives an
+    empty output with ``x``'s strides, as torch (which clones an empty input)."""
+    return y3.view(x.shape) if x.numel() else torch.empty_like(x)
+
+
 def _nlc3(x3: Tensor) -> bool:
     """Whether an (N, C, L) view is stored channel-minor (as_ncl's views are NCL-contiguous otherwise)."""
     return not x3.is_contiguous()
@@ -329,7 +335,7 @@ class BatchNormFunction(torch.autograd.Function):
             y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count, x)
         ctx.meta = (nlc, eps, x.shape)
-        return y3.view(x.shape)
+        return output_like(y3, x)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -404,7 +410,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count)
         ctx.meta = (nlc, eps, x.shape, process_group)
-        return y3.view(x.shape)
+        return output_like(y3, x)
 
     @staticmethod
     @once_differentiable

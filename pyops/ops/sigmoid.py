@@ -27,18 +27,24 @@ def _launch_backward(grad_output: Tensor, output: Tensor, grad_input: Tensor) ->
         launch_elementwise(k.sigmoid_backward_kernel, k.CONFIGS, n, output.device, grad_output, output, grad_input, n)
 
 
+def _output(x: Tensor) -> Tensor:
+    """The forward's output for the dense input ``x``: its strides, or contiguous when empty, as torch."""
+    return torch.empty_like(x) if x.numel() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 @op("sigmoid_forward(Tensor x) -> Tensor")
 def sigmoid_forward(x: Tensor) -> Tensor:
     """y = 1 / (1 + exp(-x)), same shape and memory format as ``x``."""
     x = dense(x)
-    y = torch.empty_like(x)
-    _launch_forward(x, y)
+    y = _output(x)
+    if y.numel():
+        _launch_forward(x, y)
     return y
 
 
 @sigmoid_forward.register_fake
 def _(x: Tensor) -> Tensor:
-    return torch.empty_like(dense(x))
+    return _output(dense(x))
 
 
 @op("sigmoid_backward(Tensor grad_output, Tensor output) -> Tensor")
