@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._tensor import strides_like_channels_last
+
 
 def pair(value, name: str, fn: str) -> tuple[int, int]:
     """torch's ``_pair`` with its errors: an int or a sequence of one or two ints."""
@@ -102,6 +104,8 @@ def avg_divisor(oh: int, ow: int, size, kernel, stride, padding, count_include_p
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """torch's suggest_memory_format for 4-D tensors: channels_last when that is its layout."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """torch's suggest_memory_format for 4-D tensors is channels_last: convolution and
+    pooling then run, and return, channels_last (also for a sliced channels_last view, or
+    an N x 1 x H x W tensor with channels_last strides, as torch)."""
+    return x.dim() == 4 and strides_like_channels_last(x)
 

@@ -47,14 +47,16 @@ def with_strides(t: torch.Tensor, stride) -> torch.Tensor:
     return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def suggests_channels_last(t: torch.Tensor) -> bool:
+def strides_like_channels_last(t: torch.Tensor) -> bool:
     """torch's ``suggest_memory_format`` is channels_last (4-D) or channels_last_3d (5-D) for ``t``.
 
     c10's stride test: walking C, then the spatial dims innermost first, then N, each
-    stride is at least the extent of the previous one; ambiguous cases (a trivial C
-    stride, contiguous tensors) are channel-major, as torch decides.
+    stride is at least the extent of the previous one. It decides by strides alone, so a
+    tensor that is also contiguous (size-1 dims: N x C x 1 x 1, or N x 1 x H x W) is
+    channels_last when its strides are channels_last's; a trivial C stride, or one equal
+    to N's, is channel-major. Convolution and pooling choose their output's layout by it.
     """
-    if t.dim() not in (4, 5) or t.is_contiguous():
+    if t.dim() not in (4, 5):
         return False
     sizes, strides = t.shape, t.stride()
     if strides[1] == 0:
@@ -67,3 +69,9 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
             return False
         low = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
     return True
+
+
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """Batch norm's rule: channels_last by ``strides_like_channels_last`` unless contiguous
+    (torch's batch norm runs a tensor that is both channel-major)."""
+    return not t.is_contiguous() and strides_like_channels_last(t)

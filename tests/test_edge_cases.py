@@ -56,11 +56,15 @@ def test_small_and_empty_shapes(backend_device, name, shape):
         assert_close(gx.cpu(), gr)
 
 
+def _channels_last(*shape):
+    return torch.randn(shape, dtype=torch.float64).to(memory_format=torch.channels_last)
+
+
 # empty inputs stored other than contiguously
 EMPTY_LAYOUTS = {
-    "no images, channels_last": lambda: torch.randn(0, 3, 4, 4).to(memory_format=torch.channels_last),
+    "no images, channels_last": lambda: _channels_last(0, 3, 4, 4),
     "no images, permuted": lambda: torch.randn(4, 3, 0, 4).permute(2, 1, 0, 3),
-    "empty plane, channels_last": lambda: torch.randn(2, 3, 0, 4).to(memory_format=torch.channels_last),
+    "empty plane, channels_last": lambda: _channels_last(2, 3, 0, 4),
 }
 
 
@@ -80,6 +84,45 @@ def test_empty_inputs_like_torch(backend_device, name, layout):
         return
     y = ours(x.to(backend_device))
     assert (y.shape, y.stride()) == (ref.shape, ref.stride())
+
+
+# inputs whose layout torch decides by strides alone (suggest_memory_format): contiguous
+# and channels_last at once, or channels_last but sliced
+STRIDE_LAYOUTS = {
+    "N x C x 1 x 1, channels_last strides": lambda: _channels_last(2, 3, 1, 1),
+    "N x 1 x H x W, channels_last strides": lambda: _channels_last(2, 1, 5, 4),
+    "N x C x 1 x 1, contiguous": lambda: torch.randn(2, 3, 1, 1, dtype=torch.float64),
+    "channels_last, channels sliced": lambda: _channels_last(2, 5, 5, 4)[:, 1:4],
+    "channels_last, width sliced": lambda: _channels_last(2, 3, 5, 6)[..., :4],
+}
+_g = torch.Generator().manual_seed(0)
+LAYOUT_OPS = {  # (functional module: torch.nn.functional or pyops.functional, input) -> output
+    "conv2d": lambda f, x: f.conv2d(x, torch.randn(4, x.shape[1], 1, 1, generator=_g.manual_seed(1)).to(x)),
+    "conv2d, channels_last weight": lambda f, x: f.conv2d(
+        x, torch.randn(4, x.shape[1], 1, 1, generator=_g.manual_seed(1)).to(x, memory_format=torch.channels_last)),
+    "conv_transpose2d": lambda f, x: f.conv_transpose2d(
+        x, torch.randn(x.shape[1], 2, 1, 1, generator=_g.manual_seed(2)).to(x), stride=2),
+    "max_pool2d": lambda f, x: f.max_pool2d(x, 1),
+    "avg_pool2d": lambda f, x: f.avg_pool2d(x, (1, 2), ceil_mode=True),
+}
+
+
+@pytest.mark.parametrize("op", sorted(LAYOUT_OPS))
+@pytest.mark.parametrize("layout", sorted(STRIDE_LAYOUTS))
+def test_layout_chosen_by_strides_like_torch(backend_device, op, layout):
+    """Convolution and pooling choose their output's layout as torch does, by strides
+    (channels_last strides on a tensor that is also contiguous, a sliced channels_last
+    view): the output's and the input gradient's strides are torch's."""
+    x = STRIDE_LAYOUTS[layout]().requires_grad_()
+    xo = x.detach().to(backend_device).requires_grad_()
+    ref, out = LAYOUT_OPS[op](F, x), LAYOUT_OPS[op](P, xo)
+    assert_close(out.cpu(), ref.detach())
+    assert out.stride() == ref.stride()
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(out, xo, g.to(backend_device))
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert_close(gx.cpu(), gr)
+    assert gx.stride() == gr.stride()
 
 
 def test_kernel_as_large_as_the_input(backend_device):
