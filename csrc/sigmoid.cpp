@@ -68,8 +68,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // The layouts the Python launchers give the kernels (pyops/_tensor.py): t when dense in
-// any dim order, else a contiguous copy; a gradient with the output's exact strides.
-at::Tensor dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense() ? t : t.contiguous(); }
+// any dim order, else a dense copy in t's dim order (empty_like's strides, as torch's
+// elementwise output); a gradient with the output's exact strides.
+at::Tensor dense(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : at::empty_like(t).copy_(t);
+}
 
 at::Tensor with_strides(const at::Tensor& t, at::IntArrayRef strides) {
   if (t.strides() == strides) return t;

@@ -19,25 +19,19 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when dense (any dim order, e.g. channels_last), else a contiguous copy.
+    """``t`` itself when dense (any dim order, e.g. channels_last), else a dense copy in
+    ``t``'s dim order (``torch.empty_like``'s strides: a sliced channels_last view gives
+    channels_last).
 
     Elementwise kernels walk a dense tensor's storage as one flat array, and the output
-    made by ``torch.empty_like`` keeps the input's memory format, as torch's ops do.
+    made by ``torch.empty_like`` keeps its layout, as torch's elementwise ops do.
     """
-    return t if is_dense(t) else t.contiguous()
-
-
-def contiguous_strides(shape) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+    return t if is_dense(t) else torch.empty_like(t).copy_(t)
 
 
 def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     """The strides ``dense(t)`` has, without making the copy."""
-    return t.stride() if is_dense(t) else contiguous_strides(t.shape)
+    return t.stride() if is_dense(t) else torch.empty_like(t, device="meta").stride()
 
 
 def with_strides(t: torch.Tensor, stride) -> torch.Tensor:

@@ -125,6 +125,34 @@ def test_layout_chosen_by_strides_like_torch(backend_device, op, layout):
     assert gx.stride() == gr.stride()
 
 
+# non-dense views: elementwise ops write a dense output in the view's dim order, as torch
+NON_DENSE_VIEWS = {
+    "channels_last, channels sliced": lambda: _channels_last(2, 5, 4, 4)[:, 1:4],
+    "permuted, stepped": lambda: torch.randn(4, 5, 6, dtype=torch.float64).permute(2, 0, 1)[::2],
+    "transposed, columns stepped": lambda: torch.randn(6, 8, dtype=torch.float64).t()[:, ::2],
+}
+ELEMENTWISE = {"sigmoid": (P.sigmoid, torch.sigmoid),
+               "dropout": (lambda x: P.dropout(x, 0.5), lambda x: F.dropout(x, 0.5))}
+
+
+@pytest.mark.parametrize("op", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("view", sorted(NON_DENSE_VIEWS))
+def test_elementwise_layout_of_views_like_torch(backend_device, op, view):
+    """Sigmoid and dropout of a non-dense view: the output's and the input gradient's
+    strides are torch's (a sliced channels_last view stays channels_last)."""
+    x = NON_DENSE_VIEWS[view]().requires_grad_()
+    xo = x.detach().to(backend_device).requires_grad_()
+    ours, theirs = ELEMENTWISE[op]
+    out, ref = ours(xo), theirs(x)
+    assert out.stride() == ref.stride()
+    if op == "sigmoid":
+        assert_close(out.cpu(), ref.detach())
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(out, xo, g.to(backend_device))
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert gx.stride() == gr.stride()
+
+
 def test_kernel_as_large_as_the_input(backend_device):
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     w = torch.randn(2, 3, 5, 4, dtype=torch.float64)
