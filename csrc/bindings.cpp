@@ -1,5 +1,7 @@
 // The one binding file of pyops._C: plain functions, wrapped as torch.library
 // custom operators on the Python side (pyops/ops/*).
+#include <torch/extension.h>
+
 #include "common.h"
 #include "pooling.h"
 

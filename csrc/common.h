@@ -1,7 +1,9 @@
 // Shared helpers of the C++ kernels: argument checks and the Philox4x32-10 generator.
 #pragma once
 
-#include <torch/extension.h>
+// ATen alone: torch/extension.h (the whole C++ frontend and pybind11) is for bindings.cpp;
+// it doubled every file's compile time.
+#include <ATen/ATen.h>
 
 #include <cstdint>
 

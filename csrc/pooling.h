@@ -1,7 +1,7 @@
 // The CPU pooling entries (csrc/pooling.cpp) and their autograd nodes (csrc/pooling_nodes.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <tuple>
 #include <vector>
