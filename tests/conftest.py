@@ -61,6 +61,17 @@ def backend_device(request):
         yield device
 
 
+def interpreting(device) -> bool:
+    """Whether pyops runs ``device``'s tensors through Triton's interpreter now (triton backend, CPU).
+
+    gradcheck takes ``fast_mode`` then: one random projection of the Jacobian rather than a
+    launch per input element (the interpreter costs milliseconds to seconds a launch); the
+    cpp backend checks the full Jacobian of the same Functions, and the *_matches_torch tests
+    compare every gradient element of both backends with torch.
+    """
+    return torch.device(device).type == "cpu" and pyops.requested_backend() == "triton"
+
+
 def assert_close(actual, expected, dtype=None):
     atol, rtol = TOL[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pyops
-from conftest import FLOAT_DTYPES, assert_close
+from conftest import FLOAT_DTYPES, assert_close, interpreting
 
 F = torch.nn.functional
 
@@ -301,8 +301,7 @@ def test_gradcheck(backend_device, transpose):
         b = torch.randn(6, dtype=torch.float64, device=backend_device, requires_grad=True)
         fn = lambda x, w, b: pyops.functional.conv2d(x, w, b, stride=(2, 1), padding=1,  # noqa: E731
                                                      dilation=(1, 2), groups=2)
-    # Triton's interpreter is slow: it checks random directions (fast_mode), the others the full Jacobian
-    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=x.device.type == "cpu" and pyops.requested_backend() == "triton")
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=interpreting(backend_device))
 
 
 def test_wgrad_split_counts_agree(monkeypatch):
