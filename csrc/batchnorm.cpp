@@ -1074,10 +1074,49 @@ using torch::autograd::variable_list;
 // A saved optional tensor (undefined when it was absent) as the optional argument it was.
 c10::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; }
 
-// The kernels' (N, C, L) result y3 as the output of input x; an empty input gives an empty
-// output with x's strides, as torch (which clones an empty input).
-at::Tensor output_like(const at::Tensor& y3, const at::Tensor& x) {
-  return x.numel() ? y3.view(x.sizes()) : at::empty_like(x);
+// The strides of a dense tensor of `sizes` in torch's contiguous format or, for 4-D and 5-D
+// sizes, channels_last (channels innermost, then the spatial dims, then N).
+std::vector<int64_t> format_strides(at::IntArrayRef sizes, bool channels_last) {
+  const int64_t d = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> order;  // innermost dim first
+  if (channels_last && (d == 4 || d == 5)) {
+    order.push_back(1);
+    for (int64_t i = d - 1; i > 1; --i) order.push_back(i);
+    order.push_back(0);
+  } else {
+    for (int64_t i = d - 1; i >= 0; --i) order.push_back(i);
+  }
+  std::vector<int64_t> strides(d);
+  int64_t step = 1;
+  for (const int64_t dim : order) {
+    strides[dim] = step;
+    step *= std::max<int64_t>(sizes[dim], 1);
+  }
+  return strides;
+}
+
+// The dense t with `strides`, which differ from its own only on size-1 dims (no copy).
+at::Tensor restrided(const at::Tensor& t, at::IntArrayRef strides) {
+  return t.strides() == strides ? t : t.as_strided(t.sizes(), strides);
+}
+
+// The kernels' (N, C, L) result y3 as the output of input x, with torch's strides: those of a
+// contiguous or (channel-minor) channels_last tensor, also on size-1 dims; an empty input
+// gives an empty output with x's strides, as torch (which clones an empty input). As
+// pyops.ops.batch_norm.output_like.
+at::Tensor output_like(const at::Tensor& y3, const at::Tensor& x, bool channels_last) {
+  if (x.numel() == 0) return at::empty_like(x);
+  return restrided(y3.view(x.sizes()), format_strides(x.sizes(), channels_last));
+}
+
+// The kernels' (N, C, L) input gradient shaped as x: with x's own strides when x is dense in
+// the same order (torch's empty_like(x)), as pyops.ops.batch_norm.grad_input_like.
+at::Tensor grad_input_like(const at::Tensor& dx3, const at::Tensor& x) {
+  const at::Tensor dx = dx3.view(x.sizes());
+  if (!x.is_non_overlapping_and_dense()) return dx;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) > 1 && x.stride(d) != dx.stride(d)) return dx;
+  return restrided(dx, x.strides());
 }
 
 // `grad` in the storage order of the (N, C, L) view x3 (copied only when it is not).
@@ -1144,7 +1183,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const int64_t w_edge = 2 + given(running_mean) + given(running_var);
     ctx->saved_data["weight_edge"] = given(weight) ? w_edge : int64_t{-1};
     ctx->saved_data["bias_edge"] = given(bias) ? w_edge + given(weight) : int64_t{-1};
-    return output_like(y3, x);
+    return output_like(y3, x, channels_last);
   }
 
   // (y3, mean, var, count) of the forward: batch statistics and count (training, running
@@ -1167,7 +1206,8 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x3 = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3], &count = saved[4];
+    const at::Tensor &x3 = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3], &count = saved[4],
+                     &x = saved[5];
     const int64_t w_edge = ctx->saved_data["weight_edge"].toInt(), b_edge = ctx->saved_data["bias_edge"].toInt();
     const bool need_x = ctx->needs_input_grad(0), need_w = w_edge >= 0 && ctx->needs_input_grad(w_edge),
                need_b = b_edge >= 0 && ctx->needs_input_grad(b_edge);
@@ -1175,10 +1215,9 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     const bool cl = ctx->saved_data["channels_last"].toBool();
     variable_list out(10);
     if (at::GradMode::is_enabled()) {  // create_graph: a backward that differentiates again
-      const at::Tensor& x = saved[5];
       const auto parts = BatchNormGradNode::apply(like_view(grads[0], x3), like_view(x, x3), opt(weight), mean, var,
                                                   opt(count), eps, cl);
-      if (need_x) out[0] = parts[0].view(grads[0].sizes());
+      if (need_x) out[0] = grad_input_like(parts[0], x);
       if (need_w) out[4] = parts[1].to(weight.scalar_type());
       if (need_b) out[5] = parts[2].to(ctx->saved_data["bias_dtype"].toScalarType());
       return out;
@@ -1186,7 +1225,7 @@ struct BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     at::Tensor dx, red;
     std::tie(dx, red) = batch_norm_backward(like_view(grads[0], x3), x3, mean, var, opt(weight), opt(count), eps,
                                             need_x, need_w || need_b, cl);
-    if (need_x) out[0] = dx.view(grads[0].sizes());
+    if (need_x) out[0] = grad_input_like(dx, x);
     if (need_w) out[4] = red.select(0, 2).to(weight.scalar_type());
     if (need_b) out[5] = red.select(0, 3).to(ctx->saved_data["bias_dtype"].toScalarType());
     return out;
@@ -1224,7 +1263,7 @@ at::Tensor batch_norm_autograd(const at::Tensor& x, const c10::optional<at::Tens
   const at::Tensor y3 =
       std::get<0>(BatchNormNode::output(x3, running_mean, running_var, weight, bias, training, momentum, eps,
                                         channels_last));
-  return output_like(y3, x);
+  return output_like(y3, x, channels_last);
 }
 
 }  // namespace pyops

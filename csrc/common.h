@@ -26,7 +26,11 @@ inline void check_same_layout(const at::Tensor& a, const char* an, const at::Ten
                               const char* bn) {
   TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ",
               a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.strides() == b.strides(), an, " and ", bn, " must have the same strides");
+  // The same storage order: equal strides wherever a dim has more than one element (a
+  // size-1 dim's stride is never used; torch's elementwise outputs may differ there).
+  bool same = true;
+  for (int64_t d = 0; d < a.dim(); ++d) same = same && (a.size(d) <= 1 || a.stride(d) == b.stride(d));
+  TORCH_CHECK(same, an, " and ", bn, " must have the same strides");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn,
               " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
 }

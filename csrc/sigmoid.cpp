@@ -79,18 +79,27 @@ at::Tensor with_strides(const at::Tensor& t, at::IntArrayRef strides) {
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
 }
 
-// The output keeps the dense input's strides; an empty one is contiguous, as torch's.
+// The output of an elementwise op of the dense t, as torch's TensorIterator lays it out
+// (pyops/_tensor.py elementwise_empty): contiguous when t is, channels_last when t is
+// channels_last-contiguous, else t's strides; t's storage order in every case.
+at::Tensor elementwise_empty(const at::Tensor& t) {
+  if (t.is_contiguous()) return at::empty(t.sizes(), t.options());
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return at::empty_like(t);
+}
+
 at::Tensor sigmoid_out(const at::Tensor& input) {
   const at::Tensor x = dense(input);
-  if (x.numel() == 0) return at::empty(x.sizes(), x.options());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = elementwise_empty(x);
+  if (x.numel() == 0) return y;
   sigmoid_forward(x, y);
   return y;
 }
 
 at::Tensor sigmoid_grad_out(const at::Tensor& grad, const at::Tensor& output) {
   const at::Tensor y = dense(output);
-  at::Tensor dx = at::empty_like(y);
+  at::Tensor dx = elementwise_empty(y);
   sigmoid_backward(with_strides(grad, y.strides()), y, dx);
   return dx;
 }

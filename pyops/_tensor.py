@@ -29,6 +29,45 @@ def dense(t: torch.Tensor) -> torch.Tensor:
     return t if is_dense(t) else torch.empty_like(t).copy_(t)
 
 
+def elementwise_empty(t: torch.Tensor) -> torch.Tensor:
+    """The output of an elementwise op of the dense tensor ``t``, laid out as torch's
+    TensorIterator lays out a unary op's: contiguous when ``t`` is contiguous, channels_last
+    when ``t`` is channels_last-contiguous (4-D), else ``t``'s own strides.
+
+    Its storage order is ``t``'s in every case; the strides differ from ``t``'s only on
+    size-1 dims (an N x C x 1 x 1 or N x 1 x H x W tensor with channels_last strides is
+    contiguous too, and torch's output is then contiguous), and an empty output is contiguous.
+    """
+    if t.is_contiguous():
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=torch.channels_last)
+    return torch.empty_like(t)
+
+
+def format_strides(shape, channels_last: bool) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` in torch's contiguous format or, for 4-D and
+    5-D shapes, channels_last (channels innermost, then the spatial dims, then N)."""
+    d = len(shape)
+    order = [1, *range(d - 1, 1, -1), 0] if channels_last and d in (4, 5) else list(range(d - 1, -1, -1))
+    strides, step = [0] * d, 1
+    for dim in order:
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
+
+
+def same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two dense tensors of one shape store their elements in the same order: equal
+    strides wherever a dim has more than one element."""
+    return all(n <= 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def restrided(t: torch.Tensor, stride) -> torch.Tensor:
+    """The dense ``t`` with ``stride``, which differ from its own only on size-1 dims (no copy)."""
+    return t if t.stride() == tuple(stride) else t.as_strided(t.shape, stride)
+
+
 def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
     """The strides ``dense(t)`` has, without making the copy."""
     return t.stride() if is_dense(t) else torch.empty_like(t, device="meta").stride()

@@ -104,15 +104,18 @@ LAYOUT_OPS = {  # (functional module: torch.nn.functional or pyops.functional, i
         x, torch.randn(x.shape[1], 2, 1, 1, generator=_g.manual_seed(2)).to(x), stride=2),
     "max_pool2d": lambda f, x: f.max_pool2d(x, 1),
     "avg_pool2d": lambda f, x: f.avg_pool2d(x, (1, 2), ceil_mode=True),
+    "batch_norm": lambda f, x: f.batch_norm(x, None, None, training=True),
+    "batch_norm, eval, affine": lambda f, x: f.batch_norm(
+        x, *(torch.rand(x.shape[1], generator=_g.manual_seed(3 + i)).to(x) + i for i in range(4))),
 }
 
 
 @pytest.mark.parametrize("op", sorted(LAYOUT_OPS))
 @pytest.mark.parametrize("layout", sorted(STRIDE_LAYOUTS))
 def test_layout_chosen_by_strides_like_torch(backend_device, op, layout):
-    """Convolution and pooling choose their output's layout as torch does, by strides
-    (channels_last strides on a tensor that is also contiguous, a sliced channels_last
-    view): the output's and the input gradient's strides are torch's."""
+    """Convolution, pooling and batch norm choose their output's layout as torch does, by
+    strides (channels_last strides on a tensor that is also contiguous, a sliced channels_last
+    view): the output's and the input gradient's strides are torch's, size-1 dims included."""
     x = STRIDE_LAYOUTS[layout]().requires_grad_()
     xo = x.detach().to(backend_device).requires_grad_()
     ref, out = LAYOUT_OPS[op](F, x), LAYOUT_OPS[op](P, xo)
@@ -131,16 +134,20 @@ NON_DENSE_VIEWS = {
     "permuted, stepped": lambda: torch.randn(4, 5, 6, dtype=torch.float64).permute(2, 0, 1)[::2],
     "transposed, columns stepped": lambda: torch.randn(6, 8, dtype=torch.float64).t()[:, ::2],
 }
+# and dense tensors that are contiguous and channels_last at once: torch's output is contiguous
+ELEMENTWISE_LAYOUTS = {**NON_DENSE_VIEWS, **{name: STRIDE_LAYOUTS[name] for name in (
+    "N x C x 1 x 1, channels_last strides", "N x 1 x H x W, channels_last strides")}}
 ELEMENTWISE = {"sigmoid": (P.sigmoid, torch.sigmoid),
                "dropout": (lambda x: P.dropout(x, 0.5), lambda x: F.dropout(x, 0.5))}
 
 
 @pytest.mark.parametrize("op", sorted(ELEMENTWISE))
-@pytest.mark.parametrize("view", sorted(NON_DENSE_VIEWS))
+@pytest.mark.parametrize("view", sorted(ELEMENTWISE_LAYOUTS))
 def test_elementwise_layout_of_views_like_torch(backend_device, op, view):
-    """Sigmoid and dropout of a non-dense view: the output's and the input gradient's
-    strides are torch's (a sliced channels_last view stays channels_last)."""
-    x = NON_DENSE_VIEWS[view]().requires_grad_()
+    """Sigmoid and dropout of a non-dense view or of a tensor both contiguous and channels_last:
+    the output's and the input gradient's strides are torch's (a sliced channels_last view
+    stays channels_last, the others become contiguous)."""
+    x = ELEMENTWISE_LAYOUTS[view]().requires_grad_()
     xo = x.detach().to(backend_device).requires_grad_()
     ours, theirs = ELEMENTWISE[op]
     out, ref = ours(xo), theirs(x)

@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, op, runs_cpp_eagerly
-from .._tensor import suggests_channels_last
+from .._tensor import format_strides, is_dense, restrided, same_order, suggests_channels_last
 from ._launch import cdiv, device_guard, dividers, gpu_geometry, needs_int64, sm_count
 
 
@@ -41,10 +41,21 @@ def as_ncl(t: Tensor, nlc: bool) -> Tensor:
     return t.view(N, C, L)
 
 
-def output_like(y3: Tensor, x: Tensor) -> Tensor:
-    """The kernels' (N, C, L) result as the output of input ``x``; an empty input gives an
-    empty output with ``x``'s strides, as torch (which clones an empty input)."""
-    return y3.view(x.shape) if x.numel() else torch.empty_like(x)
+def output_like(y3: Tensor, x: Tensor, nlc: bool) -> Tensor:
+    """The kernels' (N, C, L) result as the output of input ``x``, with torch's strides: those
+    of a contiguous or (channel-minor) channels_last tensor, also on size-1 dims (the view
+    alone may differ there: an N x C x 1 x 1 input with channels_last strides); an empty
+    input gives an empty output with ``x``'s strides, as torch (which clones an empty input)."""
+    if not x.numel():
+        return torch.empty_like(x)
+    return restrided(y3.view(x.shape), format_strides(x.shape, nlc))
+
+
+def grad_input_like(dx3: Tensor, x: Tensor) -> Tensor:
+    """The kernels' (N, C, L) input gradient shaped as ``x``: with ``x``'s own strides when ``x``
+    is dense in the same order (torch's ``empty_like(x)``; they differ on size-1 dims)."""
+    dx = dx3.view(x.shape)
+    return restrided(dx, x.stride()) if is_dense(x) and same_order(dx, x) else dx
 
 
 def _nlc3(x3: Tensor) -> bool:
@@ -335,7 +346,7 @@ class BatchNormFunction(torch.autograd.Function):
             y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count, x)
         ctx.meta = (nlc, eps, x.shape)
-        return output_like(y3, x)
+        return output_like(y3, x, nlc)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -350,7 +361,7 @@ class BatchNormFunction(torch.autograd.Function):
             dx, red = batch_norm_backward(as_ncl(grad_output, nlc), x3, mean, var, weight, count, eps, need[0],
                                           need[3] or need[4])
         gw, gb = _param_grads(ctx, red, weight, bias, 3)
-        return dx.view(shape) if need[0] else None, None, None, gw, gb, None, None, None
+        return grad_input_like(dx, x) if need[0] else None, None, None, gw, gb, None, None, None
 
 
 class BatchNormBackwardFunction(torch.autograd.Function):
@@ -410,7 +421,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count)
         ctx.meta = (nlc, eps, x.shape, process_group)
-        return output_like(y3, x)
+        return output_like(y3, x, nlc)
 
     @staticmethod
     @once_differentiable

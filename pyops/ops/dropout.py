@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, op
-from .._tensor import dense, dense_strides, with_strides
+from .._tensor import dense, dense_strides, elementwise_empty, with_strides
 from ._launch import launch_elementwise
 
 # Top bits of each Philox word compared with round(p * 2^24): p = 1 drops everything.
@@ -53,14 +53,14 @@ def _launch(x: Tensor, out: Tensor, seed_offset: Tensor, p: float, bits: Tensor 
 def dropout_op(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
     """x * keep * 1/(1-p) with the Philox mask of ``seed_offset``; same memory format as ``x``."""
     x = dense(x)
-    out = torch.empty_like(x)
+    out = elementwise_empty(x)
     _launch(x, out, seed_offset, p)
     return out
 
 
 @dropout_op.register_fake
 def _(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
-    return torch.empty_like(dense(x))
+    return elementwise_empty(dense(x))
 
 
 def _bits_out(x: Tensor, seed_offset: Tensor) -> Tensor:
@@ -75,14 +75,14 @@ def dropout_bits_op(x: Tensor, seed_offset: Tensor, p: float) -> tuple[Tensor, T
     """``dropout``, also returning its keep decisions as bits on the C++ backend (element i of
     the output's dense storage: bit i % 64 of word i // 64); on Triton's an empty tensor."""
     x = dense(x)
-    out, bits = torch.empty_like(x), _bits_out(x, seed_offset)
+    out, bits = elementwise_empty(x), _bits_out(x, seed_offset)
     _launch(x, out, seed_offset, p, bits if bits.numel() else None)
     return out, bits
 
 
 @dropout_bits_op.register_fake
 def _(x: Tensor, seed_offset: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(dense(x)), _bits_out(x, seed_offset)
+    return elementwise_empty(dense(x)), _bits_out(x, seed_offset)
 
 
 @op("dropout_bits_(Tensor(a!) x, Tensor seed_offset, float p) -> Tensor")
@@ -107,14 +107,14 @@ def _(x: Tensor, seed_offset: Tensor, p: float) -> Tensor:
 def dropout_apply_bits_op(x: Tensor, bits: Tensor, p: float) -> Tensor:
     """x * (keep ? 1 / (1 - p) : 0) with the keep bits ``dropout_bits`` returned (CPU); x
     dense in the layout the forward walked."""
-    out = torch.empty_like(x)
+    out = elementwise_empty(x)
     cpp_extension().dropout_apply_bits(x, out, bits, keep_rule(p)[1])
     return out
 
 
 @dropout_apply_bits_op.register_fake
 def _(x: Tensor, bits: Tensor, p: float) -> Tensor:
-    return torch.empty_like(x)
+    return elementwise_empty(x)
 
 
 class DropoutFunction(torch.autograd.Function):

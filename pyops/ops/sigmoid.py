@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, op, runs_cpp_eagerly
-from .._tensor import dense, with_strides
+from .._tensor import dense, elementwise_empty, with_strides
 from ._launch import launch_elementwise
 
 
@@ -27,16 +27,11 @@ def _launch_backward(grad_output: Tensor, output: Tensor, grad_input: Tensor) ->
         launch_elementwise(k.sigmoid_backward_kernel, k.CONFIGS, n, output.device, grad_output, output, grad_input, n)
 
 
-def _output(x: Tensor) -> Tensor:
-    """The forward's output for the dense input ``x``: its strides, or contiguous when empty, as torch."""
-    return torch.empty_like(x) if x.numel() else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
 @op("sigmoid_forward(Tensor x) -> Tensor")
 def sigmoid_forward(x: Tensor) -> Tensor:
     """y = 1 / (1 + exp(-x)), same shape and memory format as ``x``."""
     x = dense(x)
-    y = _output(x)
+    y = elementwise_empty(x)
     if y.numel():
         _launch_forward(x, y)
     return y
@@ -44,7 +39,7 @@ def sigmoid_forward(x: Tensor) -> Tensor:
 
 @sigmoid_forward.register_fake
 def _(x: Tensor) -> Tensor:
-    return _output(dense(x))
+    return elementwise_empty(dense(x))
 
 
 @op("sigmoid_backward(Tensor grad_output, Tensor output) -> Tensor")
@@ -52,14 +47,14 @@ def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
     """grad_input = grad_output * y * (1 - y) from the forward's output ``y``."""
     output = dense(output)
     grad_output = with_strides(grad_output, output.stride())
-    grad_input = torch.empty_like(output)
+    grad_input = elementwise_empty(output)
     _launch_backward(grad_output, output, grad_input)
     return grad_input
 
 
 @sigmoid_backward.register_fake
 def _(grad_output: Tensor, output: Tensor) -> Tensor:
-    return torch.empty_like(dense(output))
+    return elementwise_empty(dense(output))
 
 
 class SigmoidFunction(torch.autograd.Function):
