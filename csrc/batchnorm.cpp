@@ -67,13 +67,6 @@ View view_of(const at::Tensor& x, bool channels_last, const char* name) {
   return {N, C, L, channels_last};
 }
 
-// Same shape and storage order (strides of size-1 dimensions do not matter).
-bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  bool same = a.sizes() == b.sizes();
-  for (int64_t d = 0; same && d < a.dim(); ++d) same = a.size(d) <= 1 || a.stride(d) == b.stride(d);
-  return same;
-}
-
 void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
   TORCH_CHECK(same_layout(a, b) && a.scalar_type() == b.scalar_type(), an, " and ", bn,
               " must have the same shape, strides and dtype");
@@ -1113,10 +1106,7 @@ at::Tensor output_like(const at::Tensor& y3, const at::Tensor& x, bool channels_
 // the same order (torch's empty_like(x)), as pyops.ops.batch_norm.grad_input_like.
 at::Tensor grad_input_like(const at::Tensor& dx3, const at::Tensor& x) {
   const at::Tensor dx = dx3.view(x.sizes());
-  if (!x.is_non_overlapping_and_dense()) return dx;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (x.size(d) > 1 && x.stride(d) != dx.stride(d)) return dx;
-  return restrided(dx, x.strides());
+  return x.is_non_overlapping_and_dense() && same_layout(dx, x) ? restrided(dx, x.strides()) : dx;
 }
 
 // `grad` in the storage order of the (N, C, L) view x3 (copied only when it is not).

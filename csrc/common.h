@@ -22,15 +22,19 @@ inline void check_dense_cpu(const at::Tensor& t, const char* name) {
               " must be a floating-point tensor, got ", t.scalar_type());
 }
 
+// Same shape and storage order: equal strides wherever a dim has more than one element (a
+// size-1 dim's stride is never used; torch's outputs may differ from their inputs there).
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  bool same = a.sizes() == b.sizes();
+  for (int64_t d = 0; same && d < a.dim(); ++d) same = a.size(d) <= 1 || a.stride(d) == b.stride(d);
+  return same;
+}
+
 inline void check_same_layout(const at::Tensor& a, const char* an, const at::Tensor& b,
                               const char* bn) {
   TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ",
               a.sizes(), " and ", b.sizes());
-  // The same storage order: equal strides wherever a dim has more than one element (a
-  // size-1 dim's stride is never used; torch's elementwise outputs may differ there).
-  bool same = true;
-  for (int64_t d = 0; d < a.dim(); ++d) same = same && (a.size(d) <= 1 || a.stride(d) == b.stride(d));
-  TORCH_CHECK(same, an, " and ", bn, " must have the same strides");
+  TORCH_CHECK(same_layout(a, b), an, " and ", bn, " must have the same strides");
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn,
               " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
 }

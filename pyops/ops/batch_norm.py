@@ -345,13 +345,13 @@ class BatchNormFunction(torch.autograd.Function):
             count, mean, var = None, running_mean, running_var
             y3 = batch_norm_apply(x3, mean, var, weight, bias, eps)
         ctx.save_for_backward(x3, weight, bias, mean, var, count, x)
-        ctx.meta = (nlc, eps, x.shape)
+        ctx.meta = (nlc, eps)
         return output_like(y3, x, nlc)
 
     @staticmethod
     def backward(ctx, grad_output):
         x3, weight, bias, mean, var, count, x = ctx.saved_tensors
-        nlc, eps, shape = ctx.meta
+        nlc, eps = ctx.meta
         need = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph
             dx, gw, gb = BatchNormBackwardFunction.apply(as_ncl(grad_output, nlc), as_ncl(x, nlc), weight, mean, var,
