@@ -236,22 +236,41 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
     ``per_process``: this process holds only part of the batch (SyncBatchNorm), so one
     value per channel here is no error.
     """
+    _check_batch_norm_call(input, running_mean, running_var, weight, bias, training, eps, fn, per_process)
+    _check_batch_norm_tensors(input, running_mean, running_var, weight, bias, training, fn)
+
+
+def _check_batch_norm_call(input, running_mean, running_var, weight, bias, training: bool, eps: float,
+                           fn: str = "batch_norm", per_process: bool = False) -> None:
+    """The checks torch makes of every call, an empty input's too: argument types, the batch
+    size in training (torch.nn.functional's ``_verify_batch_size``) and eps."""
     _check_tensor(input, fn)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is not None:
+            _check_tensor_arg(t, name, fn)
+    if training and input.dim() and not per_process:
+        size = input.shape
+        if size[0] * math.prod(size[2:]) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _check_batch_norm_tensors(input, running_mean, running_var, weight, bias, training: bool, fn: str) -> None:
+    """torch's checks of a non-empty input and of the statistics and parameters that go with it."""
     if input.dim() < 2:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-max(input.dim(), 1)}, "
                          f"{max(input.dim(), 1) - 1}], but got 1)")
     if not input.is_floating_point():
         raise NotImplementedError(f'"{fn}" not implemented for \'{str(input.dtype).replace("torch.", "")}\'')
-    if training:
-        size = input.shape
-        if size[0] * math.prod(size[2:]) == 1 and not per_process:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-        if eps <= 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
-    elif running_var is None:
-        raise RuntimeError("running_var must be defined in evaluation mode")
+    if not training:
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
     C, dtype = input.shape[1], input.dtype
     for t in (running_mean, running_var, weight, bias):  # the usual case, checked quickly
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.numel() == C):
@@ -263,7 +282,6 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                     ("bias", bias)):
         if t is None:
             continue
-        _check_tensor_arg(t, name, fn)
         if t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
         if t.dtype != input.dtype and not (low and t.dtype == torch.float32):
@@ -287,6 +305,27 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     for float16/bfloat16/float32 inputs (float64 for float64) and the output keeps the
     input's dtype and memory format.
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    _check_batch_norm_call(input, running_mean, running_var, weight, bias, training, eps)
+    if momentum is None or isinstance(momentum, str):  # torch.batch_norm's argument parser
+        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not "
+                        f"{type(momentum).__name__}")
+    if input.numel() == 0:
+        return _batch_norm_of_nothing(input, weight, bias)
+    _check_batch_norm_tensors(input, running_mean, running_var, weight, bias, training, "batch_norm")
     return _batch_norm(input, running_mean, running_var, weight, bias, bool(training),
-                       float(momentum if momentum is not None else 0.0), float(eps))
+                       float(momentum), float(eps))
+
+
+def _batch_norm_of_nothing(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Batch norm of an empty input, as ATen defines it (``_batch_norm_impl_index``): no
+    statistics (running ones untouched) and no checks of the other tensors; the output is
+    the input's copy times ``weight[0]`` plus ``bias[0]``, so it has the strides and dtype
+    those elementwise ops give, weight and bias get zero gradients, and a weight or bias
+    without elements raises torch's IndexError. torch's copy, product and sum run here, on
+    tensors with no elements: there is nothing to compute."""
+    out = input.clone()
+    if weight is not None:
+        out = out * weight[0]
+    if bias is not None:
+        out = out + bias[0]
+    return out

@@ -1,4 +1,5 @@
 """batch_norm, BatchNorm2d and SyncBatchNorm against torch, on both backends."""
+import itertools
 import os
 import tempfile
 
@@ -217,6 +218,50 @@ def test_int64_index_path_matches(monkeypatch, shape, channels_last, training):
         assert torch.equal(a, b_)
 
 
+def _permuted_empty(shape, perm):
+    """An uninitialised tensor of ``shape`` whose dims are stored in the order ``perm`` (outermost first)."""
+    return torch.empty([shape[d] for d in perm]).permute(*[perm.index(d) for d in range(len(shape))])
+
+
+def test_empty_input_like_torch(backend_device):
+    """An empty input is ATen's special case: the input's copy times weight[0] plus bias[0], with
+    those ops' strides and dtype for every storage order of the input (an odd one with
+    affine parameters gives other strides than the input's), zero gradients for weight and
+    bias, no statistics."""
+    for shape, perm, params, training in itertools.product(
+            [(0, 3, 4, 5), (2, 3, 0, 5), (2, 3, 4, 0)], itertools.permutations(range(4)), ["", "w", "b", "wb"],
+            [True, False]):
+        results = []
+        for f in (F.batch_norm, pyops.functional.batch_norm):
+            x = _permuted_empty(shape, perm).to(backend_device).requires_grad_()
+            w = torch.rand(3, device=backend_device, requires_grad=True) if "w" in params else None
+            b = torch.rand(3, device=backend_device, requires_grad=True) if "b" in params else None
+            rm, rv = torch.zeros(3, device=backend_device), torch.ones(3, device=backend_device)
+            y = f(x, rm, rv, w, b, training)
+            g = _permuted_empty(shape, perm[::-1]).to(backend_device)
+            inputs = [t for t in (x, w, b) if t is not None]
+            grads = torch.autograd.grad(y, inputs, g)
+            results.append([(y.shape, y.stride(), y.dtype), rm.tolist(), rv.tolist(),
+                            [(t.shape, t.stride(), t.tolist() if t.numel() else None) for t in grads]])
+        assert results[0] == results[1], (shape, perm, params, training)
+
+
+LENIENT_EMPTY_ARGS = [  # torch checks nothing else of an empty input's batch norm
+    ((torch.empty(0, 3, 2), torch.zeros(5), torch.ones(5)), {"training": True}),
+    ((torch.empty(0, 3, 2), None, None), {"weight": torch.ones(5), "bias": torch.ones(2, 2)}),
+    ((torch.empty(0), None, None), {"training": True}),                       # 1-D
+    ((torch.empty(0, 3, dtype=torch.int64), None, None), {"weight": torch.ones(3)}),  # promoted by weight[0]
+    ((torch.empty(0, 3, dtype=torch.float16), None, None), {"weight": torch.ones(3, dtype=torch.float64)}),
+]
+
+
+@pytest.mark.parametrize("args,kwargs", LENIENT_EMPTY_ARGS, ids=[str(i) for i in range(len(LENIENT_EMPTY_ARGS))])
+def test_empty_input_takes_what_torch_takes(args, kwargs):
+    ref = F.batch_norm(*args, **kwargs)
+    y = pyops.functional.batch_norm(*args, **kwargs)
+    assert (y.shape, y.stride(), y.dtype) == (ref.shape, ref.stride(), ref.dtype)
+
+
 def test_running_stats_untouched_by_an_empty_batch(backend_device):
     rm, rv = torch.zeros(3, device=backend_device), torch.ones(3, device=backend_device)
     x = torch.randn(0, 3, 4, 4, device=backend_device, requires_grad=True)
@@ -268,7 +313,20 @@ BAD_BN_ARGS = [
     ((_x, None, None), {"training": False}),                                # eval without running stats
     ((_x.int(), None, None), {"training": True}),                           # integer input
     ((_x.double(), torch.zeros(3), torch.ones(3)), {"training": True}),     # mixed dtypes
+    ((torch.randn(1), None, None), {"training": True}),                     # 1-D, one value
+    ((_x, None, None), {"training": True, "momentum": None}),               # momentum must be a float
+    ((_x, None, None), {"training": True, "eps": 0.0}),
+    ((torch.empty(0, 3, 2), None, None), {"training": True, "eps": -1.0}),   # checked on empty input too
+    ((torch.empty(0, 0, 2), None, None), {"weight": torch.ones(0), "training": True}),  # weight[0]
+    ((torch.empty(0, 0, 2), None, None), {"bias": torch.ones(0), "training": True}),
+    ((torch.empty(0, 3, 2), None, None), {"weight": torch.tensor(1.0), "training": True}),
 ]
+
+
+def test_negative_eps_in_eval_is_a_value_error():
+    """torch 2.13 raises it (older releases returned NaN for a variance below -eps: silently wrong)."""
+    with pytest.raises(ValueError, match="non-negative"):
+        pyops.functional.batch_norm(_x, torch.zeros(3), torch.ones(3), eps=-1e-5)
 
 
 @pytest.mark.parametrize("args,kwargs", BAD_BN_ARGS, ids=[str(i) for i in range(len(BAD_BN_ARGS))])
