@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._pool import is_channels_last, pair
+from ._pool import as_int, is_channels_last, pair
 
 
 def check_tensors(fn: str, input, weight, bias) -> None:
@@ -55,10 +55,18 @@ def check_params(stride, padding, dilation, groups, output_padding=(0, 0)) -> No
         raise RuntimeError("negative output_padding is not supported")
     if any(d <= 0 for d in dilation):
         raise RuntimeError("dilation should be greater than zero")
-    if isinstance(groups, bool) or not isinstance(groups, int):
+    if type(groups) is not int:
         raise TypeError(f"groups must be int, not {type(groups).__name__}")
     if groups <= 0:
         raise RuntimeError("non-positive groups is not supported")
+
+
+def groups_arg(groups) -> int:
+    """``groups`` as an int (int-like: ``_pool.as_int``), else torch's TypeError."""
+    value = as_int(groups)
+    if value is None:
+        raise TypeError(f"groups must be int, not {type(groups).__name__}")
+    return value
 
 
 def check_groups(weight: Tensor, groups: int, dim: int = 0) -> None:

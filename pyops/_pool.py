@@ -7,28 +7,55 @@ the left padding") and the average-pool divisor. The kernels implement the same 
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ._tensor import strides_like_channels_last
 
 
+def as_int(value):
+    """``value`` as an int where torch's argument parser takes it for one (an int, a numpy
+    integer, an integer tensor of one element), else None (a bool, a float, a string...)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, torch.SymInt)):
+        return value
+    if isinstance(value, torch.Tensor):
+        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return int(value.item()) if integral and value.numel() == 1 else None
+    return int(value) if isinstance(value, numbers.Integral) else None  # numpy's bool is no Integral
+
+
+def check_bool(value, name: str, fn: str) -> bool:
+    """torch's argument parser's bool: a bool and nothing else (not 0 or 1, None, numpy's bool)."""
+    if type(value) is not bool:
+        raise TypeError(f"{fn}(): argument '{name}' must be bool, not {type(value).__name__}")
+    return value
+
+
 def pair(value, name: str, fn: str) -> tuple[int, int]:
-    """torch's ``_pair`` with its errors: an int or a sequence of one or two ints."""
+    """torch's ``_pair`` with its errors: an int or a sequence of one or two ints (int-like:
+    ``as_int``)."""
     if type(value) is int:  # the common case first: this runs on every call
         return (value, value)
-    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
+    if not isinstance(value, (tuple, list, torch.Size)):
+        v = as_int(value)
+        if v is not None:
+            return (v, v)
         if isinstance(value, float):
             raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, but found element of type float")
         raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, not {type(value).__name__}")
-    if isinstance(value, int):
-        return (value, value)
-    values = tuple(value)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
+    values = tuple(as_int(v) for v in value)
+    for v, given in zip(values, value):
+        if v is None:
             raise TypeError(f"{fn}(): argument '{name}' must be tuple of ints, but found element of type "
-                            f"{type(v).__name__}")
+                            f"{type(given).__name__}")
     if len(values) == 1:
         return (values[0], values[0])
+    if len(values) != 2 and fn.startswith("conv"):
+        raise RuntimeError(f"expected {name} to be a single integer value or a list of 2 values to match the "
+                           f"convolution dimensions, but got {name}={list(values)}")
     if len(values) != 2:
         what = {"kernel_size": "kernel_size must either be a single int, or a tuple of two ints",
                 "stride": "stride must either be omitted, a single int, or a tuple of two ints",

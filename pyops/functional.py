@@ -54,6 +54,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     if p != p:  # NaN passes torch's Python check and fails its C++ one
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     _check_tensor(input, "dropout")
+    _pool.check_bool(training, "train", "dropout")
     if not training or p == 0.0 or input.numel() == 0:
         return input
     _check_floating(input, "dropout")
@@ -81,9 +82,10 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     indices flat in each H*W plane (what torch.nn.MaxUnpool2d takes). NaN propagates
     and ties pick the first maximum in the window, as in torch.
     """
+    _pool.check_bool(ceil_mode, "ceil_mode", "max_pool2d")
     x, kernel, stride, padding, dilation, out_hw = _pool_args(input, kernel_size, stride, padding, dilation,
-                                                              bool(ceil_mode), "max_pool2d", True)
-    out, indices = _max_pool_op(x, (kernel, stride, padding, dilation, bool(ceil_mode)), out_hw)
+                                                              ceil_mode, "max_pool2d", True)
+    out, indices = _max_pool_op(x, (kernel, stride, padding, dilation, ceil_mode), out_hw)
     if input.dim() == 3:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -96,11 +98,19 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     The divisor is ``divisor_override`` if given, else the window size counting padding
     (``count_include_pad``) or only the elements inside the input, exactly as torch.
     """
-    if divisor_override is not None and divisor_override == 0:
-        raise RuntimeError("avg_pool2d: divisor must be not zero")
-    x, kernel, stride, padding, _, out_hw = _pool_args(input, kernel_size, stride, padding, 1, bool(ceil_mode),
+    _pool.check_bool(ceil_mode, "ceil_mode", "avg_pool2d")
+    _pool.check_bool(count_include_pad, "count_include_pad", "avg_pool2d")
+    divisor = 0
+    if divisor_override is not None:
+        divisor = _pool.as_int(divisor_override)
+        if divisor is None:
+            raise TypeError(f"avg_pool2d(): argument 'divisor_override' must be int, not "
+                            f"{type(divisor_override).__name__}")
+        if divisor == 0:
+            raise RuntimeError("avg_pool2d: divisor must be not zero")
+    x, kernel, stride, padding, _, out_hw = _pool_args(input, kernel_size, stride, padding, 1, ceil_mode,
                                                        "avg_pool2d", False)
-    geometry = (kernel, stride, padding, bool(ceil_mode), bool(count_include_pad), int(divisor_override or 0))
+    geometry = (kernel, stride, padding, ceil_mode, count_include_pad, divisor)
     out = _avg_pool_op(x, geometry, out_hw)
     return out.squeeze(0) if input.dim() == 3 else out
 
@@ -131,6 +141,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     """
     input, weight, bias = _autocast(input, weight, bias)
     _conv.check_tensors("conv2d", input, weight, bias)
+    if type(groups) is not int:
+        groups = _conv.groups_arg(groups)
     unbatched, stride, pad, dilation, out_hw = _geometry(_conv2d_geometry, input, weight, bias, stride, padding,
                                                          dilation, groups)
     x = input.unsqueeze(0) if unbatched else input
@@ -167,6 +179,8 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     """
     input, weight, bias = _autocast(input, weight, bias)
     _conv.check_tensors("conv_transpose2d", input, weight, bias)
+    if type(groups) is not int:
+        groups = _conv.groups_arg(groups)
     unbatched, stride, pad, dilation, out_hw = _geometry(_conv_transpose2d_geometry, input, weight, bias, stride,
                                                          padding, dilation, groups, output_padding)
     x = input.unsqueeze(0) if unbatched else input
@@ -257,6 +271,7 @@ def _check_batch_norm_call(input, running_mean, running_var, weight, bias, train
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _pool.check_bool(training, "training", fn)
 
 
 def _check_batch_norm_tensors(input, running_mean, running_var, weight, bias, training: bool, fn: str) -> None:

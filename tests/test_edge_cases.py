@@ -5,6 +5,7 @@ values, NaN/inf propagation, float16 overflow, in-place dropout on a view, an in
 path on the CPU; and bad arguments: each raises the exception type torch raises, naming
 the argument, on both backends (never a crash).
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,7 +276,40 @@ BAD = [
     ("dropout p < 0", lambda f: f.dropout(_x, -0.1), "probability"),
     ("dropout int input", lambda f: f.dropout(_x.int(), 0.5), ""),
     ("sigmoid not a tensor", lambda f: f.sigmoid([1.0, 2.0]), ""),
+    # argument types: torch's parser takes a bool only for a bool, an int-like (no bool or float) for an int
+    ("max_pool ceil_mode=1", lambda f: f.max_pool2d(_x, 2, ceil_mode=1), "ceil_mode"),
+    ("max_pool ceil_mode=None", lambda f: f.max_pool2d(_x, 2, ceil_mode=None), "ceil_mode"),
+    ("avg_pool ceil_mode numpy bool", lambda f: f.avg_pool2d(_x, 2, ceil_mode=np.bool_(True)), "ceil_mode"),
+    ("avg_pool count_include_pad=0", lambda f: f.avg_pool2d(_x, 2, count_include_pad=0), "count_include_pad"),
+    ("avg_pool divisor float", lambda f: f.avg_pool2d(_x, 2, divisor_override=2.0), "divisor_override"),
+    ("avg_pool divisor bool", lambda f: f.avg_pool2d(_x, 2, divisor_override=True), "divisor_override"),
+    ("avg_pool divisor float tensor", lambda f: f.avg_pool2d(_x, 2, divisor_override=torch.tensor(2.0)),
+     "divisor_override"),
+    ("dropout training=None", lambda f: f.dropout(_x, 0.5, training=None), "train"),
+    ("dropout training=1, p=0", lambda f: f.dropout(_x, 0.0, training=1), "train"),
+    ("batch_norm training=1", lambda f: f.batch_norm(_x, None, None, training=1), "training"),
+    ("batch_norm momentum=None", lambda f: f.batch_norm(_x, None, None, training=True, momentum=None), "momentum"),
+    ("conv groups float", lambda f: f.conv2d(_x, W, groups=1.0), ""),
+    ("conv stride numpy float", lambda f: f.conv2d(_x, W, stride=np.float64(1)), ""),
+    ("conv stride of 3", lambda f: f.conv2d(_x, W, stride=(1, 1, 1)), "stride"),
+    ("conv_transpose output_padding of 3", lambda f: f.conv_transpose2d(_x, WT, stride=2, output_padding=(1, 1, 1)),
+     "output_padding"),
+    ("max_pool kernel of 2 in a tensor", lambda f: f.max_pool2d(_x, torch.tensor([2, 2])), "kernel_size"),
 ]
+
+INT_LIKE = {  # torch's parser takes these for ints: numpy integers and integer tensors of one element
+    "conv2d stride, groups": lambda f: f.conv2d(_x, W[:3, :1], stride=np.int64(2), groups=torch.tensor(3)),
+    "conv2d padding pair": lambda f: f.conv2d(_x, W, padding=(np.int32(1), torch.tensor(2))),
+    "conv_transpose2d": lambda f: f.conv_transpose2d(_x, WT, stride=torch.tensor(2), output_padding=np.int64(1),
+                                                     groups=np.int8(1)),
+    "max_pool2d": lambda f: f.max_pool2d(_x, np.int64(3), torch.tensor([2]), padding=np.int16(1)),
+    "avg_pool2d": lambda f: f.avg_pool2d(_x, (torch.tensor(2), 3), divisor_override=np.int64(5)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INT_LIKE))
+def test_int_like_arguments_are_taken_like_torch(case):
+    torch.testing.assert_close(INT_LIKE[case](P), INT_LIKE[case](F))
 
 
 @pytest.mark.parametrize("backend", sorted({b for b, d in BACKEND_CASES if d == "cpu"}))
