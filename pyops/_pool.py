@@ -77,6 +77,11 @@ def output_size(size: int, kernel: int, pad: int, stride: int, dilation: int, ce
 def check_input(input: torch.Tensor, fn: str) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    if input.dim() < 3 and fn == "avg_pool2d":  # torch's avg_pool2d reads input.size(-3) first
+        if input.dim() == 0:
+            raise IndexError("Dimension specified as -3 but tensor has no dimensions")
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-input.dim()}, {input.dim() - 1}], "
+                         f"but got -3)")
     ok = (input.dim() == 3 and all(s != 0 for s in input.shape)) or \
          (input.dim() == 4 and input.shape[1] != 0 and input.shape[2] != 0 and input.shape[3] != 0)
     if not ok:

@@ -57,6 +57,11 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     _pool.check_bool(training, "train", "dropout")
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if p == 1.0 and not input.is_floating_point():
+        # torch's p == 1 is the product with a zero of the input's dtype (an integer, bool or
+        # complex input included); pyops' kernels are floating-point only
+        zero = torch.zeros((), dtype=input.dtype, device=input.device)
+        return input.mul_(zero) if inplace else input.mul(zero)
     _check_floating(input, "dropout")
     seed_offset = draw_seed_offset(input.device)
     return DropoutFunction.apply(input, seed_offset, float(p), bool(inplace))

@@ -263,6 +263,8 @@ BAD = [
     ("max_pool padding > k/2", lambda f: f.max_pool2d(_x, 2, padding=2), "pad"),
     ("max_pool zero kernel", lambda f: f.max_pool2d(_x, 0), "kernel"),
     ("max_pool 2-D input", lambda f: f.max_pool2d(torch.randn(6, 6), 2), ""),
+    ("avg_pool 2-D input", lambda f: f.avg_pool2d(torch.randn(6, 6), 2), "dimension"),
+    ("avg_pool 0-D input", lambda f: f.avg_pool2d(torch.tensor(1.0), 2), "dimension"),
     ("max_pool bool input", lambda f: f.max_pool2d(_x.bool(), 2), ""),
     ("avg_pool zero divisor", lambda f: f.avg_pool2d(_x, 2, divisor_override=0), "divisor"),
     ("avg_pool output empty", lambda f: f.avg_pool2d(torch.randn(1, 1, 1, 1), 2), "size"),
@@ -296,6 +298,18 @@ BAD = [
      "output_padding"),
     ("max_pool kernel of 2 in a tensor", lambda f: f.max_pool2d(_x, torch.tensor([2, 2])), "kernel_size"),
 ]
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dropout_of_everything_is_zeros_of_any_dtype(dtype, inplace):
+    """p = 1 is torch's product with a zero of the input's dtype, for inputs pyops has no kernel for too
+    (any other p raises for them, as torch)."""
+    x = torch.randn(2, 3, 4).to(dtype)
+    y, ref = P.dropout(x.clone(), 1.0, inplace=inplace), F.dropout(x.clone(), 1.0, inplace=inplace)
+    assert y.dtype == ref.dtype and torch.equal(y, ref)
+    with pytest.raises(RuntimeError):
+        P.dropout(x, 0.5)
+
 
 INT_LIKE = {  # torch's parser takes these for ints: numpy integers and integer tensors of one element
     "conv2d stride, groups": lambda f: f.conv2d(_x, W[:3, :1], stride=np.int64(2), groups=torch.tensor(3)),
