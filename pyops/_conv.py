@@ -138,7 +138,12 @@ def transpose_output_size(input: Tensor, weight: Tensor, stride, padding, output
 
 
 def conv_channels_last(input: Tensor, weight: Tensor) -> bool:
-    """torch's layout rule for convolutions: channels_last output if the input or the weight is."""
+    """torch's layout rule for convolutions: channels_last output if the input or the weight is,
+    except float64 on CUDA, which torch computes contiguous (cuDNN's rule,
+    ``cudnn_conv_suggest_memory_format``; its depthwise kernel then takes a contiguous copy too).
+    The CPU's float64 convolution keeps channels_last, as its other dtypes."""
+    if input.dtype == torch.float64 and input.is_cuda:
+        return False
     return is_channels_last(input) or is_channels_last(weight)
 
 
