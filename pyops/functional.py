@@ -291,6 +291,10 @@ def _check_batch_norm_tensors(input, running_mean, running_var, weight, bias, tr
             raise RuntimeError("running_mean must be defined in evaluation mode")
         if running_var is None:
             raise RuntimeError("running_var must be defined in evaluation mode")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"The function '{fn}' is not differentiable with respect to argument '{name}'. "
+                               "This input cannot have requires_grad True.")
     C, dtype = input.shape[1], input.dtype
     for t in (running_mean, running_var, weight, bias):  # the usual case, checked quickly
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.numel() == C):

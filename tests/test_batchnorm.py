@@ -320,7 +320,23 @@ BAD_BN_ARGS = [
     ((torch.empty(0, 0, 2), None, None), {"weight": torch.ones(0), "training": True}),  # weight[0]
     ((torch.empty(0, 0, 2), None, None), {"bias": torch.ones(0), "training": True}),
     ((torch.empty(0, 3, 2), None, None), {"weight": torch.tensor(1.0), "training": True}),
+    ((_x, torch.zeros(3, requires_grad=True), torch.ones(3)), {"training": True}),  # not differentiable
+    ((_x, torch.zeros(3), torch.ones(3, requires_grad=True)), {"training": False}),
 ]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_running_stats_like_torch(backend_device, training):
+    """Running statistics that are views with a stride are read, and updated in place, as torch does."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    results = []
+    for f, device in ((F.batch_norm, "cpu"), (pyops.functional.batch_norm, backend_device)):
+        stats = torch.arange(12, dtype=torch.float64).view(2, 6).to(device) + 1
+        rm, rv = stats[0, ::2], stats[1, 1::2]
+        y = f(x.to(device), rm, rv, None, None, training, 0.3)
+        results.append((y.cpu(), stats.cpu()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_negative_eps_in_eval_is_a_value_error():

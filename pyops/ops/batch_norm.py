@@ -391,6 +391,15 @@ def batch_norm(x: Tensor, running_mean: Tensor | None, running_var: Tensor | Non
     ``runs_cpp_eagerly`` says so, its C++ twin ``batch_norm_autograd`` (same kernels; it
     records its node only when a gradient is needed, and makes the (N, C, L) view with
     ``is_nlc``'s rule and ``_check_running``'s checks itself)."""
+    if (running_mean is not None and not running_mean.is_contiguous()) or \
+            (running_var is not None and not running_var.is_contiguous()):
+        # the kernels update contiguous running statistics: a strided view's go through a copy
+        stats = [None if t is None else t.contiguous() for t in (running_mean, running_var)]
+        y = batch_norm(x, *stats, weight, bias, training, momentum, eps)
+        for given, updated in zip((running_mean, running_var), stats):
+            if given is not None and training:
+                given.copy_(updated)
+        return y
     if runs_cpp_eagerly((x, running_mean, running_var, weight, bias)):
         return cpp_extension().batch_norm_autograd(x, running_mean, running_var, weight, bias, training, momentum,
                                                    eps)
