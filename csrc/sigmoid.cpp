@@ -6,6 +6,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <initializer_list>
+#include <vector>
+
 #include "autograd.h"
 #include "common.h"
 
@@ -69,7 +73,7 @@ using torch::autograd::variable_list;
 
 // The layouts the Python launchers give the kernels (pyops/_tensor.py): t when dense in
 // any dim order, else a dense copy in t's dim order (empty_like's strides, as torch's
-// elementwise output); a gradient with the output's exact strides.
+// elementwise output); an operand with exactly the strides its kernel is given.
 at::Tensor dense(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : at::empty_like(t).copy_(t);
 }
@@ -89,6 +93,59 @@ at::Tensor elementwise_empty(const at::Tensor& t) {
   return at::empty_like(t);
 }
 
+// The strides TensorIterator gives the output of an elementwise op of operands of one shape
+// with `operand_strides` (in argument order) when none of its fast layouts applies, as
+// pyops/_tensor.py iterator_strides: dims ordered innermost first by the first operand whose
+// strides tell them apart (0 tells nothing; equal strides put the smaller dim inside), packed
+// densely; contiguous strides when that order is the contiguous one.
+std::vector<int64_t> iterator_strides(at::IntArrayRef sizes, std::initializer_list<at::IntArrayRef> operand_strides) {
+  const int64_t nd = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> perm(nd);
+  for (int64_t i = 0; i < nd; ++i) perm[i] = nd - 1 - i;  // innermost first
+  auto should_swap = [&](int64_t d0, int64_t d1) {
+    for (const at::IntArrayRef strides : operand_strides) {
+      const int64_t s0 = strides[d0], s1 = strides[d1];
+      if (s0 == 0 || s1 == 0) continue;
+      if (s0 != s1) return s0 < s1 ? -1 : 1;
+      if (sizes[d0] > sizes[d1]) return 1;
+    }
+    return 0;
+  };
+  for (int64_t i = 1; i < nd; ++i) {
+    int64_t d1 = i;
+    for (int64_t d0 = i - 1; d0 >= 0; --d0) {
+      const int order = should_swap(perm[d0], perm[d1]);
+      if (order > 0) {
+        std::swap(perm[d0], perm[d1]);
+        d1 = d0;
+      } else if (order < 0) {
+        break;
+      }
+    }
+  }
+  bool inverted = true;
+  for (int64_t i = 0; i < nd; ++i) inverted = inverted && perm[i] == nd - 1 - i;
+  std::vector<int64_t> strides(nd);
+  int64_t step = 1;
+  for (const int64_t dim : perm) {
+    strides[dim] = step;
+    step *= inverted ? std::max<int64_t>(sizes[dim], 1) : sizes[dim];
+  }
+  return strides;
+}
+
+// The output of torch's elementwise op of a and b (one shape, a first: a backward's incoming
+// gradient), laid out as TensorIterator lays it out (pyops/_tensor.py binary_elementwise_empty).
+at::Tensor binary_elementwise_empty(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_contiguous() && b.is_contiguous()) return at::empty(a.sizes(), b.options());
+  if (a.dim() == 4 && a.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+      b.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::empty(a.sizes(), b.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() && a.strides() == b.strides())
+    return at::empty_strided(a.sizes(), b.strides(), b.options());
+  return at::empty_strided(a.sizes(), iterator_strides(a.sizes(), {a.strides(), b.strides()}), b.options());
+}
+
 at::Tensor sigmoid_out(const at::Tensor& input) {
   const at::Tensor x = dense(input);
   at::Tensor y = elementwise_empty(x);
@@ -97,10 +154,11 @@ at::Tensor sigmoid_out(const at::Tensor& input) {
   return y;
 }
 
+// dy * y * (1 - y) laid out as torch's sigmoid_backward(dy, y) (mostly dy's layout); the
+// kernel reads both operands in that layout.
 at::Tensor sigmoid_grad_out(const at::Tensor& grad, const at::Tensor& output) {
-  const at::Tensor y = dense(output);
-  at::Tensor dx = elementwise_empty(y);
-  sigmoid_backward(with_strides(grad, y.strides()), y, dx);
+  at::Tensor dx = binary_elementwise_empty(grad, output);
+  sigmoid_backward(with_strides(grad, dx.strides()), with_strides(output, dx.strides()), dx);
   return dx;
 }
 

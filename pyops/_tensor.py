@@ -45,6 +45,61 @@ def elementwise_empty(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
+def iterator_strides(shape, operand_strides) -> tuple[int, ...]:
+    """The strides TensorIterator gives the output of an elementwise op of operands of one
+    ``shape`` with ``operand_strides`` (in argument order) when none of its fast layouts
+    applies: dims ordered innermost first by the operands' strides (the first operand that
+    tells two dims apart decides, a stride of 0 tells nothing, equal strides put the smaller
+    dim inside) and packed densely; contiguous strides when that order is the contiguous one."""
+    nd = len(shape)
+    perm = list(range(nd - 1, -1, -1))  # innermost first
+
+    def should_swap(d0: int, d1: int) -> int:
+        for strides in operand_strides:
+            s0, s1 = strides[d0], strides[d1]
+            if s0 == 0 or s1 == 0:
+                continue
+            if s0 != s1:
+                return -1 if s0 < s1 else 1
+            if shape[d0] > shape[d1]:
+                return 1
+        return 0
+
+    for i in range(1, nd):  # TensorIterator's insertion sort, ambiguous comparisons included
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            order = should_swap(perm[d0], perm[d1])
+            if order > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif order < 0:
+                break
+    if perm == list(range(nd - 1, -1, -1)):
+        return format_strides(shape, False)
+    strides, step = [0] * nd, 1
+    for dim in perm:
+        strides[dim] = step
+        step *= shape[dim]
+    return tuple(strides)
+
+
+def binary_elementwise_empty(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The output of torch's elementwise op of ``a`` and ``b`` (one shape; ``a`` first, as
+    a backward's incoming gradient), laid out as TensorIterator lays it out: contiguous or
+    channels_last when both are, the strides of both when they are dense with the same
+    strides, else ``iterator_strides`` (``a``'s order where its strides decide: an expanded
+    gradient, all strides 0, leaves it to ``b``)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.empty(a.shape, dtype=b.dtype, device=b.device)
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and \
+            b.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(a.shape, dtype=b.dtype, device=b.device, memory_format=torch.channels_last)
+    if is_dense(a) and is_dense(b) and a.stride() == b.stride():
+        return torch.empty_strided(a.shape, b.stride(), dtype=b.dtype, device=b.device)
+    return torch.empty_strided(a.shape, iterator_strides(a.shape, (a.stride(), b.stride())), dtype=b.dtype,
+                               device=b.device)
+
+
 def format_strides(shape, channels_last: bool) -> tuple[int, ...]:
     """The strides of a dense tensor of ``shape`` in torch's contiguous format or, for 4-D and
     5-D shapes, channels_last (channels innermost, then the spatial dims, then N)."""

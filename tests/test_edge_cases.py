@@ -161,6 +161,35 @@ def test_elementwise_layout_of_views_like_torch(backend_device, op, view):
     assert gx.stride() == gr.stride()
 
 
+GRAD_LAYOUTS = {  # an incoming gradient laid out otherwise than the forward's output
+    "contiguous": lambda t: t.contiguous(),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "sliced": lambda t: torch.cat([t, t], 3)[..., ::2],
+    "H and W swapped": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+    "expanded": lambda t: t[:1, :1, :1, :1].expand(t.shape),
+}
+INPUT_LAYOUTS = {"contiguous": lambda t: t, "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+                 "N x C x 1 x 1, channels_last": None}
+
+
+@pytest.mark.parametrize("grad_layout", sorted(GRAD_LAYOUTS))
+@pytest.mark.parametrize("input_layout", sorted(INPUT_LAYOUTS))
+def test_sigmoid_gradient_layout_like_torch(backend_device, input_layout, grad_layout):
+    """torch's sigmoid_backward(dy, y) lays dx out as TensorIterator does: by dy's strides,
+    then y's (an expanded dy's strides are all 0)."""
+    shape = (2, 3, 1, 1) if input_layout.startswith("N x C") else (2, 3, 4, 5)
+    base = torch.randn(shape, dtype=torch.float64)
+    x = (base.contiguous(memory_format=torch.channels_last) if input_layout.startswith("N x C")
+         else INPUT_LAYOUTS[input_layout](base)).requires_grad_()
+    xo = x.detach().to(backend_device).requires_grad_()
+    y, ref = P.sigmoid(xo), torch.sigmoid(x)
+    g = GRAD_LAYOUTS[grad_layout](torch.randn(shape, dtype=torch.float64))
+    (gx,) = torch.autograd.grad(y, xo, g.to(backend_device))
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert gx.stride() == gr.stride()
+    assert_close(gx.cpu(), gr)
+
+
 def test_kernel_as_large_as_the_input(backend_device):
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
     w = torch.randn(2, 3, 5, 4, dtype=torch.float64)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .._dispatch import cpp_extension, select, triton_kernels
 from .._library import apply_function, op, runs_cpp_eagerly
-from .._tensor import dense, elementwise_empty, with_strides
+from .._tensor import binary_elementwise_empty, dense, elementwise_empty, with_strides
 from ._launch import launch_elementwise
 
 
@@ -44,17 +44,18 @@ def _(x: Tensor) -> Tensor:
 
 @op("sigmoid_backward(Tensor grad_output, Tensor output) -> Tensor")
 def sigmoid_backward(grad_output: Tensor, output: Tensor) -> Tensor:
-    """grad_input = grad_output * y * (1 - y) from the forward's output ``y``."""
-    output = dense(output)
-    grad_output = with_strides(grad_output, output.stride())
-    grad_input = elementwise_empty(output)
-    _launch_backward(grad_output, output, grad_input)
+    """grad_input = grad_output * y * (1 - y) from the forward's output ``y``, laid out as
+    torch's sigmoid_backward(grad_output, y) (``binary_elementwise_empty``: mostly the
+    gradient's layout); the kernel reads both operands in that layout."""
+    grad_input = binary_elementwise_empty(grad_output, output)
+    _launch_backward(with_strides(grad_output, grad_input.stride()), with_strides(output, grad_input.stride()),
+                     grad_input)
     return grad_input
 
 
 @sigmoid_backward.register_fake
 def _(grad_output: Tensor, output: Tensor) -> Tensor:
-    return elementwise_empty(dense(output))
+    return binary_elementwise_empty(grad_output, output)
 
 
 class SigmoidFunction(torch.autograd.Function):
