@@ -75,6 +75,7 @@ def output_size(size: int, kernel: int, pad: int, stride: int, dilation: int, ce
 
 
 def check_input(input: torch.Tensor, fn: str) -> None:
+    """torch's checks of a pooling input's type and shape (``check_dtype`` its dtype)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(input).__name__}")
     if input.dim() < 3 and fn == "avg_pool2d":  # torch's avg_pool2d reads input.size(-3) first
@@ -87,6 +88,9 @@ def check_input(input: torch.Tensor, fn: str) -> None:
     if not ok:
         raise RuntimeError(f"{fn}: Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for "
                            f"input, but got: {list(input.shape)}")
+
+
+def check_dtype(input: torch.Tensor, fn: str) -> None:
     if not input.is_floating_point():
         # NotImplementedError (a RuntimeError), as torch for dtypes it has no kernel for
         raise NotImplementedError(f"{fn}: pyops has floating-point kernels only, got input of {input.dtype}")

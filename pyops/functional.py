@@ -67,16 +67,29 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     return DropoutFunction.apply(input, seed_offset, float(p), bool(inplace))
 
 
-def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode, fn, max_pool):
+def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode: bool, fn: str, max_pool: bool):
+    """Pooling's argument checks, in torch's order, and (4-D input, kernel, stride, padding,
+    dilation, output (H, W)); the shape-and-argument part remembered as conv's (``_geometry``)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{fn}(): argument 'input' must be Tensor, not {type(input).__name__}")
+    geometry = _geometry(_pool_geometry, input, None, None, kernel_size, stride, padding, dilation, int(ceil_mode),
+                         fn, int(max_pool))
+    _pool.check_dtype(input, fn)
+    return (input if input.dim() == 4 else input.unsqueeze(0)), *geometry
+
+
+def _pool_geometry(input: Tensor, _weight, _bias, kernel_size, stride, padding, dilation, ceil_mode: int, fn: str,
+                   max_pool: int):
+    """(kernel, stride, padding, dilation, out_hw) of a pooling call, from the input's shape
+    and the arguments (torch's checks and errors)."""
     _pool.check_input(input, fn)
     kernel = _pool.pair(kernel_size, "kernel_size", fn)
     empty_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
     stride = kernel if empty_stride else _pool.pair(stride, "stride", fn)
     padding = _pool.pair(padding, "padding", fn)
     dilation = _pool.pair(dilation, "dilation", fn)
-    out_hw = _pool.check_geometry(input, kernel, stride, padding, dilation, ceil_mode, fn, max_pool)
-    batched = input if input.dim() == 4 else input.unsqueeze(0)
-    return batched, list(kernel), list(stride), list(padding), list(dilation), list(out_hw)
+    out_hw = _pool.check_geometry(input, kernel, stride, padding, dilation, bool(ceil_mode), fn, bool(max_pool))
+    return list(kernel), list(stride), list(padding), list(dilation), list(out_hw)
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -222,10 +235,11 @@ _GEOMETRIES_MAX = 4096
 
 
 def _plain(value) -> bool:
-    """An int, a str or a pair of ints, by exact type (a bool is no int here: pair() rejects it)."""
+    """An int, a str, None or a pair of ints, by exact type (a bool is no int here: pair()
+    rejects it, and True would find 1's entry)."""
     t = type(value)
-    return t is int or t is str or (t is tuple and len(value) == 2 and type(value[0]) is int
-                                    and type(value[1]) is int)
+    return t is int or t is str or value is None or (t is tuple and len(value) == 2 and type(value[0]) is int
+                                                     and type(value[1]) is int)
 
 
 def _geometry(compute, input: Tensor, weight: Tensor, bias, *args):
@@ -238,7 +252,8 @@ def _geometry(compute, input: Tensor, weight: Tensor, bias, *args):
             return compute(input, weight, bias, *args)
     if not plain_eager((input, weight, bias)):
         return compute(input, weight, bias, *args)
-    key = (compute, input.shape, weight.shape, None if bias is None else bias.shape, *args)
+    key = (compute, input.shape, None if weight is None else weight.shape, None if bias is None else bias.shape,
+           *args)
     geometry = _GEOMETRIES.get(key)
     if geometry is None:
         geometry = compute(input, weight, bias, *args)  # raises (nothing remembered) on bad arguments
