@@ -500,36 +500,45 @@ void grad_sums_small(const at::Tensor& dy, const at::Tensor& x, const View& v, c
 // float and double only (scalar_t == opmath_t).
 constexpr int64_t kRowImages = 4;
 
+// (sum dy, sum dy * (x - mean)) of channel c over images [n0, n1) of NCL planes of L elements.
+template <typename T>
+inline GradSums<double> channel_grad_sums_rows(const T* pdy, const T* px, int64_t C, int64_t L, int64_t c,
+                                               int64_t n0, int64_t n1, T mean) {
+  using V = VecT<T>;
+  constexpr int64_t S = V::size();
+  V a(T(0)), bb(T(0));
+  const V m(mean);
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* g = pdy + (n * C + c) * L;
+    const T* xx = px + (n * C + c) * L;
+    int64_t i = 0;
+    for (; i + S <= L; i += S) {
+      const V gv = V::loadu(g + i);
+      a = a + gv;
+      bb = at::vec::fmadd(gv, V::loadu(xx + i) - m, bb);
+    }
+    if (i < L) {  // lanes past L load as zeros: gv = 0 adds nothing
+      const V gv = V::loadu(g + i, L - i);
+      a = a + gv;
+      bb = at::vec::fmadd(gv, V::loadu(xx + i, L - i) - m, bb);
+    }
+  }
+  const auto add = [](V& p, V& q) { return p + q; };
+  return {static_cast<double>(at::vec::vec_reduce_all<T>(add, a)),
+          static_cast<double>(at::vec::vec_reduce_all<T>(add, bb))};
+}
+
 template <typename T>
 void grad_sums_rows(const at::Tensor& dy, const at::Tensor& x, const View& v, const Split& s,
                     const std::vector<double>& mean, at::Tensor& partials) {
-  using V = VecT<T>;
-  constexpr int64_t S = V::size();
   const T* pdy = dy.const_data_ptr<T>();
   const T* px = x.const_data_ptr<T>();
   double* out = partials.mutable_data_ptr<double>();  // (splits, 2, C)
   const int64_t C = v.C, L = v.L;
   for_each_task(v, s, [&](int64_t c, int64_t k, int64_t b, int64_t e) {
-    V a(T(0)), bb(T(0));
-    const V m(static_cast<T>(mean[c]));
-    for (int64_t n = b; n < e; ++n) {
-      const T* g = pdy + (n * C + c) * L;
-      const T* xx = px + (n * C + c) * L;
-      int64_t i = 0;
-      for (; i + S <= L; i += S) {
-        const V gv = V::loadu(g + i);
-        a = a + gv;
-        bb = at::vec::fmadd(gv, V::loadu(xx + i) - m, bb);
-      }
-      if (i < L) {  // lanes past L load as zeros: gv = 0 adds nothing
-        const V gv = V::loadu(g + i, L - i);
-        a = a + gv;
-        bb = at::vec::fmadd(gv, V::loadu(xx + i, L - i) - m, bb);
-      }
-    }
-    const auto add = [](V& p, V& q) { return p + q; };
-    out[(k * 2 + 0) * C + c] = static_cast<double>(at::vec::vec_reduce_all<T>(add, a));
-    out[(k * 2 + 1) * C + c] = static_cast<double>(at::vec::vec_reduce_all<T>(add, bb));
+    const GradSums<double> sums = channel_grad_sums_rows<T>(pdy, px, C, L, c, b, e, static_cast<T>(mean[c]));
+    out[(k * 2 + 0) * C + c] = sums.dy;
+    out[(k * 2 + 1) * C + c] = sums.dyx;
   });
 }
 
@@ -597,6 +606,25 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
   });
 }
 
+// (sum dy, sum dy * (x - mean)) of channel c over images [n0, n1) of NCL planes of L
+// elements: tiles of kTile summed in the compute type, added up in double.
+template <typename scalar_t>
+inline GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t L,
+                                              int64_t c, int64_t n0, int64_t n1, double mean) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  double s_dy = 0, s_dyx = 0;
+  const opmath_t m = static_cast<opmath_t>(mean);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t off = (n * C + c) * L;
+    for (int64_t i = 0; i < L; i += kTile) {
+      const auto sums = row_grad_sums<scalar_t, opmath_t>(pdy + off + i, px + off + i, std::min(kTile, L - i), m);
+      s_dy += sums.dy;
+      s_dyx += sums.dyx;
+    }
+  }
+  return {s_dy, s_dyx};
+}
+
 template <typename scalar_t>
 void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, const Split& s,
                     const std::vector<double>& mean, at::Tensor& partials) {
@@ -607,18 +635,9 @@ void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, co
   const int64_t C = v.C, L = v.L;
   for_each_task(v, s, [&](int64_t c, int64_t k, int64_t b, int64_t e) {
     if (!v.nlc) {
-      double s_dy = 0, s_dyx = 0;
-      const opmath_t m = static_cast<opmath_t>(mean[c]);
-      for (int64_t n = b; n < e; ++n) {
-        const int64_t off = (n * C + c) * L;
-        for (int64_t i = 0; i < L; i += kTile) {
-          const auto sums = row_grad_sums<scalar_t, opmath_t>(pdy + off + i, px + off + i, std::min(kTile, L - i), m);
-          s_dy += sums.dy;
-          s_dyx += sums.dyx;
-        }
-      }
-      out[(k * 2 + 0) * C + c] = s_dy;
-      out[(k * 2 + 1) * C + c] = s_dyx;
+      const GradSums<double> sums = channel_grad_sums_ncl<scalar_t>(pdy, px, C, L, c, b, e, mean[c]);
+      out[(k * 2 + 0) * C + c] = sums.dy;
+      out[(k * 2 + 1) * C + c] = sums.dyx;
       return;
     }
     std::vector<double> tot_dy(C, 0.0), tot_dyx(C, 0.0);
@@ -691,6 +710,18 @@ struct Affine {
   explicit Affine(int64_t C) : p(C, 0.0), mu(C, 0.0), q(C, 0.0), mv(C, 0.0), r(C, 0.0) {}
 };
 
+// One NCL row of L elements: out = pc (u - muc) + rc (+ qc (v - mvc) with HAS_V).
+template <typename scalar_t, bool HAS_V, typename opmath_t>
+inline void affine_row(const scalar_t* __restrict uu, const scalar_t* __restrict vv, scalar_t* __restrict oo,
+                       int64_t L, opmath_t pc, opmath_t muc, opmath_t qc, opmath_t mvc, opmath_t rc) {
+#pragma omp simd
+  for (int64_t i = 0; i < L; ++i) {
+    opmath_t y = pc * (static_cast<opmath_t>(uu[i]) - muc) + rc;
+    if constexpr (HAS_V) y += qc * (static_cast<opmath_t>(vv[i]) - mvc);
+    oo[i] = static_cast<scalar_t>(y);
+  }
+}
+
 template <typename scalar_t, bool HAS_V>
 void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::Tensor& out, const View& v,
                          const Affine& a) {
@@ -722,16 +753,8 @@ void channel_affine_impl(const at::Tensor& u, const at::Tensor* v_t, const at::T
       // dominated by their fixed cost)
       int64_t c = b % C;
       for (int64_t row = b; row < e; ++row, c = c + 1 == C ? 0 : c + 1) {
-        const opmath_t pc = p[c], muc = mu[c], qc = q[c], mvc = mv[c], rc = r[c];
-        const scalar_t* __restrict uu = pu + row * L;
-        const scalar_t* __restrict vv = HAS_V ? pv + row * L : nullptr;
-        scalar_t* __restrict oo = po + row * L;
-#pragma omp simd
-        for (int64_t i = 0; i < L; ++i) {
-          opmath_t y = pc * (static_cast<opmath_t>(uu[i]) - muc) + rc;
-          if constexpr (HAS_V) y += qc * (static_cast<opmath_t>(vv[i]) - mvc);
-          oo[i] = static_cast<scalar_t>(y);
-        }
+        affine_row<scalar_t, HAS_V>(pu + row * L, HAS_V ? pv + row * L : nullptr, po + row * L, L, p[c], mu[c],
+                                    q[c], mv[c], r[c]);
       }
     });
     return;
@@ -962,6 +985,70 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
   channel_affine(dy, &x, dx, v, a);
 }
 
+namespace {
+
+// A channel's dy and x (NCL) of at most this many bytes together are read a second time from
+// L2 by backward_by_channel (L2 is 1-2 MiB a core on the machines measured).
+constexpr int64_t kChannelBytes = 256 * 1024;
+
+// Whether the training backward of x (N, C, L) takes backward_by_channel: NCL, float or double,
+// one task per channel in the reduction (split_of), a channel small enough for L2, and
+// planes the reduction sums with channel_grad_sums_rows (under kSmallPlane elements, at most
+// kRowImages images) or channel_grad_sums_ncl (kSmallPlane and more).
+bool fuses_channels(const View& v, at::ScalarType dtype) {
+  if (v.nlc || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (v.L < kSmallPlane && v.N > kRowImages) return false;
+  if (2 * v.N * v.L * at::elementSize(dtype) > kChannelBytes) return false;
+  return split_of(v).splits == 1;
+}
+
+// The training backward (fuses_channels) one channel at a time: its two sums, then its input
+// gradient while its rows are still in L1 or L2, where the separate passes
+// (batch_norm_backward_reduce, then batch_norm_backward_input) read dy and x twice from
+// memory or L3: 2x2048x7x7 float32, one layer's backward 66-70 -> ~40 us on 2 threads. The
+// same arithmetic (channel_grad_sums_rows / _ncl, the coefficients of
+// batch_norm_backward_input, affine_row), so the same results, bit for bit. Returns the
+// (4, C) float64 sums as batch_norm_backward_reduce does.
+template <typename T>
+at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
+                               const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
+                               const at::Tensor& count, double eps) {
+  const int64_t N = v.N, C = v.C, L = v.L;
+  at::Tensor red = at::empty({4, C}, x.options().dtype(at::kDouble));
+  const auto m = channel_values(mean, C, 0.0, "mean");
+  const auto s2 = channel_values(var, C, 1.0, "var");
+  const auto w = channel_values(weight, C, 1.0, "weight");
+  const auto cnt = channel_values(count, C, 1.0, "count");
+  const T* pdy = dy.const_data_ptr<T>();
+  const T* px = x.const_data_ptr<T>();
+  T* pdx = dx.mutable_data_ptr<T>();
+  double* o = red.mutable_data_ptr<double>();
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(N * L, 1));
+  at::parallel_for(0, C, grain, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const GradSums<double> sums = L < kSmallPlane
+                                        ? channel_grad_sums_rows<T>(pdy, px, C, L, c, 0, N, static_cast<T>(m[c]))
+                                        : channel_grad_sums_ncl<T>(pdy, px, C, L, c, 0, N, m[c]);
+      const double sum_dy = 0.0 + sums.dy, sum_dyx = 0.0 + sums.dyx;  // as the reduce adds its partials to 0
+      o[c] = sum_dy;
+      o[C + c] = sum_dyx;
+      o[2 * C + c] = sum_dyx / std::sqrt(s2[c] + eps);
+      o[3 * C + c] = sum_dy;
+      const double p = w[c] / std::sqrt(s2[c] + eps);
+      const double k = sum_dyx / (cnt[c] * (s2[c] + eps));
+      const double q = -p * k, r = -p * sum_dy / cnt[c];
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = n * C + c;
+        affine_row<T, true>(pdy + row * L, px + row * L, pdx + row * L, L, static_cast<T>(p), T(0), static_cast<T>(q),
+                            static_cast<T>(m[c]), static_cast<T>(r));
+      }
+    }
+  });
+  return red;
+}
+
+}  // namespace
+
 // The statistics dtype: float64 for float64 inputs, else float32.
 static at::ScalarType stats_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -996,6 +1083,15 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, con
                                                        bool need_input, bool need_reduce, bool channels_last) {
   const bool training = count.has_value() && count->defined();
   at::Tensor red, dx;
+  if (training && need_input && x.numel() > 0 && fuses_channels(view_of(x, channels_last, "input"), x.scalar_type())) {
+    const View v = view_of(x, channels_last, "input");
+    check_same(x, "input", dy, "grad_output");
+    dx = empty_like_view(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_batch_norm_backward_by_channel", [&] {
+      red = backward_by_channel<scalar_t>(dy, x, dx, v, mean, var, weight, *count, eps);
+    });
+    return {dx, red.to(stats_type(x))};
+  }
   if (need_reduce || (training && need_input)) red = batch_norm_backward_reduce(dy, x, mean, var, eps, channels_last);
   if (need_input) {
     dx = empty_like_view(x);

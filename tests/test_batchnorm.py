@@ -262,6 +262,29 @@ def test_empty_input_takes_what_torch_takes(args, kwargs):
     assert (y.shape, y.stride(), y.dtype) == (ref.shape, ref.stride(), ref.dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 64, 49), (4, 3, 63), (2, 16, 3136), (1, 8, 100), (8, 6, 9), (2, 1, 5000)])
+def test_backward_in_one_call_equals_its_parts(shape, dtype):
+    """The C++ training backward in one call (one channel at a time, its rows re-read from
+    cache: csrc/batchnorm.cpp backward_by_channel, where it applies) gives the separate
+    operators' (gradient sums, then input gradient) results bit for bit."""
+    from pyops.ops import batch_norm as B
+
+    gen = torch.Generator().manual_seed(0)
+    x3 = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
+    g3 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5
+    cpp = B.cpp_extension()
+    with pyops.backend("cpp"):
+        _, stats = B.batch_norm_train(x3, None, None, w, None, 0.1, 1e-5)
+    count, mean, var = stats.unbind(0)
+    dx, red = cpp.batch_norm_backward(g3, x3, mean, var, w, count, 1e-5, True, True, False)
+    sums = cpp.batch_norm_backward_reduce(g3, x3, mean, var, 1e-5, False)  # float64, as the one call keeps them
+    dx_parts = torch.empty_like(x3)
+    cpp.batch_norm_backward_input(g3, x3, dx_parts, mean, var, w, sums, count, 1e-5, True, False)
+    assert torch.equal(dx, dx_parts) and torch.equal(red, sums.to(red.dtype))
+
+
 def test_running_stats_untouched_by_an_empty_batch(backend_device):
     rm, rv = torch.zeros(3, device=backend_device), torch.ones(3, device=backend_device)
     x = torch.randn(0, 3, 4, 4, device=backend_device, requires_grad=True)
