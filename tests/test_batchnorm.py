@@ -263,7 +263,7 @@ def test_empty_input_takes_what_torch_takes(args, kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 64, 49), (4, 3, 63), (2, 16, 3136), (1, 8, 100), (8, 6, 9), (2, 1, 5000)])
+@pytest.mark.parametrize("shape", [(2, 64, 49), (4, 3, 63), (2, 16, 3136), (1, 8, 100), (8, 6, 9), (2, 1, 5000), (8, 16, 49), (16, 4, 36)])
 def test_backward_in_one_call_equals_its_parts(shape, dtype):
     """The C++ training backward in one call (one channel at a time, its rows re-read from
     cache: csrc/batchnorm.cpp backward_by_channel, where it applies) gives the separate
