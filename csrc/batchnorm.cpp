@@ -42,8 +42,10 @@ constexpr int64_t kMinTileRows = 16;    // channel-minor tiles: enough rows per 
 // rows) before adding each channel's sums up in double: a 4096-element tile of 256
 // channels was 16 rows, and its per-channel double work a large part of the pass
 // (2x256x56x56 gradient sums: one thread 0.35-0.42 -> 0.28-0.34 ms, two 0.13-0.16 ->
-// 0.11-0.14). A tile stays in L2 for the statistics' second pass.
-constexpr int64_t kRowTile = 16384;
+// 0.11-0.14). A tile (256 KiB of float) stays in L2 for the statistics' second pass;
+// 16384 elements gave 2048 channels tiles of 16 rows (statistics of 2x1024x14x14 cut by
+// rows: 44 -> 32 us at 65536).
+constexpr int64_t kRowTile = 65536;
 constexpr int64_t kMinTaskWork = 32768;  // elements per task, so small inputs do not pay for threads
 constexpr int64_t kSmallPlane = 64;      // NCL planes smaller than this reduce across images (see SmallPlanes)
 constexpr int64_t kBlockElems = 1024;    // elements per image of one SmallPlanes channel block
@@ -168,30 +170,51 @@ inline GradSums<opmath_t> row_grad_sums(const scalar_t* __restrict dy, const sca
 }
 
 // How a reduction over (N, L) per channel is cut into tasks. NCL: task (c, chunk of
-// images); NLC: task = chunk of the N*L rows, all channels. Either way `splits` is the
+// images); NLC: task (group of channels, chunk of the N*L rows). Either way `splits` is the
 // number of partial results per channel, in a fixed order (deterministic sums).
 struct Split {
-  int64_t splits, per;  // partials per channel; images (NCL) or rows (NLC) per partial
+  int64_t splits, per;        // partials per channel; images (NCL) or rows (NLC) per partial
+  int64_t groups = 1, width;  // NLC: groups of `width` channels (the last may be narrower)
+
+  int64_t group_begin(int64_t g) const { return g * width; }
+  int64_t group_width(int64_t g, int64_t C) const { return std::min(width, C - g * width); }
 };
 
-Split split_of(const View& v) {
+// NLC inputs whose tensors read by the reduction (`bytes` per element of the input, all
+// of them) take at most kGroupBytes are cut by channels first: each task then sums whole
+// columns of rows for its channels, one partial per channel and long tiles (a cut by rows
+// gave 2x2048x7x7 (98 rows) four partials, each of tiles of 16 rows, the per-channel
+// double work more than the adds: statistics 32 -> 19 us, gradient sums 31 -> 23). Above
+// that, rows: a thread's columns of a power-of-two row stride use only a part of the
+// cache's sets, so they fell out of L2 where rows stayed (8x256x14x14 gradient sums 22 ->
+// 55 us). Groups are whole multiples of kGroupAlign channels, whole vector blocks.
+constexpr int64_t kGroupBytes = 2 * 1024 * 1024;
+constexpr int64_t kGroupAlign = 64;
+
+Split split_of(const View& v, int64_t bytes) {
   const int64_t threads = at::get_num_threads();
   if (!v.nlc) {
     const int64_t want = std::max<int64_t>(1, (2 * threads + v.C - 1) / std::max<int64_t>(v.C, 1));
     const int64_t by_work = std::max<int64_t>(1, v.N * v.L / kMinTaskWork);
     const int64_t splits = std::max<int64_t>(1, std::min({want, by_work, v.N}));
     const int64_t per = std::max<int64_t>(1, (v.N + splits - 1) / splits);
-    return {std::max<int64_t>(1, (v.N + per - 1) / per), per};
+    return {std::max<int64_t>(1, (v.N + per - 1) / per), per, 1, v.C};
   }
   const int64_t rows = v.N * v.L;
-  const int64_t by_work = std::max<int64_t>(1, rows * v.C / kMinTaskWork);
-  const int64_t splits = std::max<int64_t>(1, std::min({2 * threads, by_work, rows}));
+  const int64_t tasks = std::max<int64_t>(1, std::min(2 * threads, rows * v.C / kMinTaskWork));
+  int64_t width = std::max<int64_t>(v.C, 1);
+  if (rows * v.C * bytes <= kGroupBytes && tasks > 1) {
+    const int64_t groups = std::min(tasks, v.C / kGroupAlign);
+    if (groups > 1) width = std::max(kGroupAlign, v.C / groups / kGroupAlign * kGroupAlign);  // groups or more
+  }
+  const int64_t groups = (v.C + width - 1) / width;
+  const int64_t splits = std::max<int64_t>(1, std::min((tasks + groups - 1) / groups, rows));
   const int64_t per = std::max<int64_t>(1, (rows + splits - 1) / splits);
-  return {std::max<int64_t>(1, (rows + per - 1) / per), per};
+  return {std::max<int64_t>(1, (rows + per - 1) / per), per, groups, width};
 }
 
 // Run f over the tasks of a reduction in parallel: NCL f(c, split, n0, n1),
-// NLC f(-1, split, r0, r1).
+// NLC f(group, split, r0, r1).
 template <typename F>
 void for_each_task(const View& v, const Split& s, const F& f) {
   if (!v.nlc) {
@@ -203,8 +226,11 @@ void for_each_task(const View& v, const Split& s, const F& f) {
     });
   } else {
     const int64_t rows = v.N * v.L;
-    at::parallel_for(0, s.splits, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) f(int64_t{-1}, k, k * s.per, std::min(rows, (k + 1) * s.per));
+    at::parallel_for(0, s.groups * s.splits, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t g = t / s.splits, k = t % s.splits;
+        f(g, k, k * s.per, std::min(rows, (k + 1) * s.per));
+      }
     });
   }
 }
@@ -565,15 +591,17 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
       store_moments(out, k, C, c, m);
       return;
     }
-    std::vector<double> mn(C, 0.0), mmean(C, 0.0), mm2(C, 0.0);
-    std::vector<opmath_t> acc(C), tm(C), piv(C, opmath_t(0));
-    std::vector<double> tm_d(C);
+    // group c: channels [g0, g0 + cw), rows [b, e); tiles of rows x cw channels
+    const int64_t g0 = s.group_begin(c), cw = s.group_width(c, C);
+    std::vector<double> mn(cw, 0.0), mmean(cw, 0.0), mm2(cw, 0.0);
+    std::vector<opmath_t> acc(cw), tm(cw), piv(cw, opmath_t(0));
+    std::vector<double> tm_d(cw);
     if (b < e)
-      for (int64_t ch = 0; ch < C; ++ch) piv[ch] = static_cast<opmath_t>(px[b * C + ch]);
-    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, std::min(kTile, kRowTile / std::max<int64_t>(C, 1)));
+      for (int64_t ch = 0; ch < cw; ++ch) piv[ch] = static_cast<opmath_t>(px[b * C + g0 + ch]);
+    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, std::min(kTile, kRowTile / std::max<int64_t>(cw, 1)));
     for (int64_t r = b; r < e; r += tile_rows) {
       const int64_t rows = std::min(tile_rows, e - r);
-      const scalar_t* tile = px + r * C;
+      const scalar_t* tile = px + r * C + g0;
       opmath_t* __restrict a = acc.data();
       const opmath_t* __restrict pv = piv.data();
       const opmath_t* __restrict t = tm.data();
@@ -581,28 +609,28 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
       const auto dev_sum = [&](auto square, const opmath_t* __restrict pivot) {
         constexpr bool SQUARE = decltype(square)::value;
         if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-          for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
+          for_each_block<opmath_t>(cw, [&](auto full, int64_t c0, int64_t w) {
             block_dev_sum<opmath_t, decltype(full)::value, SQUARE>(tile, C, rows, c0, w, pivot, a);
           });
         } else {
           std::fill(acc.begin(), acc.end(), opmath_t(0));
           for (int64_t i = 0; i < rows; ++i)
-            for (int64_t ch = 0; ch < C; ++ch) {
+            for (int64_t ch = 0; ch < cw; ++ch) {
               const opmath_t d = static_cast<opmath_t>(tile[i * C + ch]) - pivot[ch];
               a[ch] += SQUARE ? d * d : d;
             }
         }
       };
       dev_sum(std::false_type{}, pv);
-      for (int64_t ch = 0; ch < C; ++ch) {
+      for (int64_t ch = 0; ch < cw; ++ch) {
         tm_d[ch] = static_cast<double>(pv[ch]) + static_cast<double>(a[ch]) / rows;
         tm[ch] = static_cast<opmath_t>(tm_d[ch]);
       }
       dev_sum(std::true_type{}, t);
       const double tile_n = static_cast<double>(rows);
-      merge_channels(mn.data(), mmean.data(), mm2.data(), [tile_n](int64_t) { return tile_n; }, tm_d.data(), a, C);
+      merge_channels(mn.data(), mmean.data(), mm2.data(), [tile_n](int64_t) { return tile_n; }, tm_d.data(), a, cw);
     }
-    for (int64_t ch = 0; ch < C; ++ch) store_moments(out, k, C, ch, Moments{mn[ch], mmean[ch], mm2[ch]});
+    for (int64_t ch = 0; ch < cw; ++ch) store_moments(out, k, C, g0 + ch, Moments{mn[ch], mmean[ch], mm2[ch]});
   });
 }
 
@@ -625,6 +653,49 @@ inline GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_
   return {s_dy, s_dyx};
 }
 
+// (sum dy, sum dy * (x - mean)) over rows [r0, r1) of NLC channels [g0, g0 + cw) into
+// sdy[0, cw), sdyx[0, cw) (mean: the group's cw means): tiles of rows summed in the compute
+// type, added up in double.
+template <typename scalar_t>
+void group_grad_sums(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t g0, int64_t cw, int64_t r0,
+                     int64_t r1, const double* mean, double* sdy, double* sdyx) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::fill_n(sdy, cw, 0.0);
+  std::fill_n(sdyx, cw, 0.0);
+  std::vector<opmath_t> a(cw), bb(cw), mm(cw);
+  for (int64_t ch = 0; ch < cw; ++ch) mm[ch] = static_cast<opmath_t>(mean[ch]);
+  const int64_t tile_rows = std::max<int64_t>(kMinTileRows, std::min(kTile, kRowTile / std::max<int64_t>(cw, 1)));
+  for (int64_t r = r0; r < r1; r += tile_rows) {
+    const int64_t rows = std::min(tile_rows, r1 - r);
+    opmath_t* __restrict pa = a.data();
+    opmath_t* __restrict pb = bb.data();
+    const opmath_t* __restrict pm = mm.data();
+    const scalar_t* tdy = pdy + r * C + g0;
+    const scalar_t* tx = px + r * C + g0;
+    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+      for_each_block<opmath_t>(cw, [&](auto full, int64_t c0, int64_t w) {
+        block_grad_sums<opmath_t, decltype(full)::value>(tdy, tx, C, rows, c0, w, pm, pa, pb);
+      });
+    } else {
+      std::fill(a.begin(), a.end(), opmath_t(0));
+      std::fill(bb.begin(), bb.end(), opmath_t(0));
+      for (int64_t i = 0; i < rows; ++i) {
+        const scalar_t* g = tdy + i * C;
+        const scalar_t* xx = tx + i * C;
+        for (int64_t ch = 0; ch < cw; ++ch) {
+          const opmath_t gv = static_cast<opmath_t>(g[ch]);
+          pa[ch] += gv;
+          pb[ch] += gv * (static_cast<opmath_t>(xx[ch]) - pm[ch]);
+        }
+      }
+    }
+    for (int64_t ch = 0; ch < cw; ++ch) {
+      sdy[ch] += pa[ch];
+      sdyx[ch] += pb[ch];
+    }
+  }
+}
+
 template <typename scalar_t>
 void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, const Split& s,
                     const std::vector<double>& mean, at::Tensor& partials) {
@@ -640,41 +711,10 @@ void grad_sums_impl(const at::Tensor& dy, const at::Tensor& x, const View& v, co
       out[(k * 2 + 1) * C + c] = sums.dyx;
       return;
     }
-    std::vector<double> tot_dy(C, 0.0), tot_dyx(C, 0.0);
-    std::vector<opmath_t> a(C), bb(C), mm(C);
-    for (int64_t ch = 0; ch < C; ++ch) mm[ch] = static_cast<opmath_t>(mean[ch]);
-    const int64_t tile_rows = std::max<int64_t>(kMinTileRows, std::min(kTile, kRowTile / std::max<int64_t>(C, 1)));
-    for (int64_t r = b; r < e; r += tile_rows) {
-      const int64_t rows = std::min(tile_rows, e - r);
-      opmath_t* __restrict pa = a.data();
-      opmath_t* __restrict pb = bb.data();
-      const opmath_t* __restrict pm = mm.data();
-      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        for_each_block<opmath_t>(C, [&](auto full, int64_t c0, int64_t w) {
-          block_grad_sums<opmath_t, decltype(full)::value>(pdy + r * C, px + r * C, C, rows, c0, w, pm, pa, pb);
-        });
-      } else {
-        std::fill(a.begin(), a.end(), opmath_t(0));
-        std::fill(bb.begin(), bb.end(), opmath_t(0));
-        for (int64_t i = 0; i < rows; ++i) {
-          const scalar_t* g = pdy + (r + i) * C;
-          const scalar_t* xx = px + (r + i) * C;
-          for (int64_t ch = 0; ch < C; ++ch) {
-            const opmath_t gv = static_cast<opmath_t>(g[ch]);
-            pa[ch] += gv;
-            pb[ch] += gv * (static_cast<opmath_t>(xx[ch]) - pm[ch]);
-          }
-        }
-      }
-      for (int64_t ch = 0; ch < C; ++ch) {
-        tot_dy[ch] += pa[ch];
-        tot_dyx[ch] += pb[ch];
-      }
-    }
-    for (int64_t ch = 0; ch < C; ++ch) {
-      out[(k * 2 + 0) * C + ch] = tot_dy[ch];
-      out[(k * 2 + 1) * C + ch] = tot_dyx[ch];
-    }
+    // group c: channels [g0, g0 + cw), rows [b, e)
+    const int64_t g0 = s.group_begin(c), cw = s.group_width(c, C);
+    group_grad_sums<scalar_t>(pdy, px, C, g0, cw, b, e, mean.data() + g0, out + (k * 2 + 0) * C + g0,
+                              out + (k * 2 + 1) * C + g0);
   });
 }
 
@@ -810,7 +850,7 @@ void channel_affine(const at::Tensor& u, const at::Tensor* v_t, const at::Tensor
 // (count, mean, biased variance) rows, P partials per channel in a fixed order.
 at::Tensor batch_norm_partial_stats(const at::Tensor& x, bool channels_last) {
   const View v = view_of(x, channels_last, "input");
-  const Split s = split_of(v);
+  const Split s = split_of(v, x.element_size());
   at::Tensor partials = at::zeros({std::max<int64_t>(s.splits, 1), 3, v.C}, x.options().dtype(at::kDouble));
   if (x.numel() == 0) return partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_stats", [&] {
@@ -912,7 +952,20 @@ static bool fuses_channels(const View& v, at::ScalarType dtype) {
   if (v.nlc || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   if (v.L < kRowPlane && v.N > kRowImages) return false;  // rows of a few elements: SmallPlanes sums them faster
   if (2 * v.N * v.L * static_cast<int64_t>(at::elementSize(dtype)) > kChannelBytes) return false;
-  return split_of(v).splits == 1;
+  return split_of(v, 2 * static_cast<int64_t>(at::elementSize(dtype))).splits == 1;
+}
+
+// Whether a backward with both parts of x (N, C, L) takes backward_by_group: NLC, float or
+// double, at most kGroupFuseRows rows, and split_of giving each group all of them (inputs
+// of at most kGroupBytes, or one task). Measured (the extension's training backward, 2
+// threads, fused against separate passes): 49 to 100 rows gained (2x2048x7x7 60 -> 47 us,
+// 1x2048x10x10 63 -> 44, 1x4096x5x5 64 -> 52), 147 rows was even, and from 196 rows on it
+// lost (4x1024x7x7 47 -> 62, 8x512x7x7 51 -> 58, 1x256x32x32 57 -> 85): the group's long
+// columns of a power-of-two row stride did not stay in cache for the second pass.
+constexpr int64_t kGroupFuseRows = 128;
+static bool fuses_groups(const View& v, at::ScalarType dtype) {
+  if (!v.nlc || (dtype != at::kFloat && dtype != at::kDouble) || v.N * v.L > kGroupFuseRows) return false;
+  return split_of(v, 2 * static_cast<int64_t>(at::elementSize(dtype))).splits == 1;
 }
 
 // The two per-channel reductions of the backward in one pass, summed in a fixed order:
@@ -927,7 +980,7 @@ at::Tensor batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
   const auto s2 = channel_values(var, v.C, 1.0, "var");
   std::fill_n(out.mutable_data_ptr<double>(), 2 * v.C, 0.0);  // the sums (rows 2, 3 are written below)
   if (x.numel() > 0) {
-    const Split s = split_of(v);
+    const Split s = split_of(v, 2 * x.element_size());
     at::Tensor partials = at::empty({s.splits, 2, v.C}, out.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "pyops_batch_norm_grad_sums", [&] {
       if (!v.nlc && v.L < kSmallPlane && (s.per <= kRowImages || fuses_channels(v, x.scalar_type())) &&
@@ -1018,23 +1071,47 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
 
 namespace {
 
-// The training backward (fuses_channels) one channel at a time: its two sums, then its input
-// gradient while its rows are still in L1 or L2, where the separate passes
-// (batch_norm_backward_reduce, then batch_norm_backward_input) read dy and x twice from
-// memory or L3 (the node's backward on 2x2048x7x7 float32, 2 threads: 90 -> 53 us). The
-// same arithmetic (channel_grad_sums_rows / _ncl, the coefficients of
-// batch_norm_backward_input, affine_row), so the same results, bit for bit. Returns the
-// (4, C) float64 sums as batch_norm_backward_reduce does.
-template <typename T>
+// A channel's share of the fused backward, from its two gradient sums (sum dy, sum dy (x -
+// mean)) and its statistics (batch statistics in training, running ones in eval): its four
+// reduce values into o (4, C) as batch_norm_backward_reduce gives them, and its input
+// gradient's coefficients, dx = p dy + q (x - mean) + r (eval: q = r = 0), as
+// batch_norm_backward_input computes them.
+struct ChannelGrad {
+  double p, q, r;
+};
+template <bool TRAIN>
+inline ChannelGrad channel_grad(double* o, int64_t C, int64_t c, double sum_dy, double sum_dyx, double w,
+                                double var, double count, double eps) {
+  sum_dy = 0.0 + sum_dy;  // as the reduce adds its partials to 0 (-0.0 becomes 0.0)
+  sum_dyx = 0.0 + sum_dyx;
+  o[c] = sum_dy;
+  o[C + c] = sum_dyx;
+  o[2 * C + c] = sum_dyx / std::sqrt(var + eps);
+  o[3 * C + c] = sum_dy;
+  const double p = w / std::sqrt(var + eps);
+  if constexpr (!TRAIN) return {p, 0.0, 0.0};
+  const TrainingGradCoefs qr = training_grad_coefs(p, sum_dy, sum_dyx, count, var, eps);
+  return {p, qr.q, qr.r};
+}
+
+// The backward with both parts asked for (training; eval when the weight or bias needs its
+// gradient too), NCL inputs that fuses_channels takes, one channel at a time: its two sums,
+// then its input gradient while its rows are still in L1 or L2, where the separate passes
+// (batch_norm_backward_reduce, then batch_norm_backward_input) read dy (and x) twice from
+// memory or L3 (training, the node's backward on 2x2048x7x7 float32, 2 threads: 90 -> 53
+// us). The same arithmetic (channel_grad_sums_rows / _ncl, channel_grad, affine_row), so the
+// same results, bit for bit. Returns the (4, C) float64 sums as batch_norm_backward_reduce
+// does.
+template <typename T, bool TRAIN>
 at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
                                const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
-                               const at::Tensor& count, double eps) {
+                               const c10::optional<at::Tensor>& count, double eps) {
   const int64_t N = v.N, C = v.C, L = v.L;
   at::Tensor red = at::empty({4, C}, x.options().dtype(at::kDouble));
   const auto m = channel_values(mean, C, 0.0, "mean");
   const auto s2 = channel_values(var, C, 1.0, "var");
   const auto w = channel_values(weight, C, 1.0, "weight");
-  const auto cnt = channel_values(count, C, 1.0, "count");
+  const auto cnt = channel_values(TRAIN ? count : c10::optional<at::Tensor>(), C, 1.0, "count");
   const T* pdy = dy.const_data_ptr<T>();
   const T* px = x.const_data_ptr<T>();
   T* pdx = dx.mutable_data_ptr<T>();
@@ -1045,17 +1122,57 @@ at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const 
       const GradSums<double> sums = L < kSmallPlane
                                         ? channel_grad_sums_rows<T>(pdy, px, C, L, c, 0, N, static_cast<T>(m[c]))
                                         : channel_grad_sums_ncl<T>(pdy, px, C, L, c, 0, N, m[c]);
-      const double sum_dy = 0.0 + sums.dy, sum_dyx = 0.0 + sums.dyx;  // as the reduce adds its partials to 0
-      o[c] = sum_dy;
-      o[C + c] = sum_dyx;
-      o[2 * C + c] = sum_dyx / std::sqrt(s2[c] + eps);
-      o[3 * C + c] = sum_dy;
-      const double p = w[c] / std::sqrt(s2[c] + eps);
-      const TrainingGradCoefs qr = training_grad_coefs(p, sum_dy, sum_dyx, cnt[c], s2[c], eps);
+      const ChannelGrad k = channel_grad<TRAIN>(o, C, c, sums.dy, sums.dyx, w[c], s2[c], cnt[c], eps);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t row = n * C + c;
-        affine_row<T, true>(pdy + row * L, px + row * L, pdx + row * L, L, static_cast<T>(p), T(0),
-                            static_cast<T>(qr.q), static_cast<T>(m[c]), static_cast<T>(qr.r));
+        affine_row<T, TRAIN>(pdy + row * L, TRAIN ? px + row * L : nullptr, pdx + row * L, L, static_cast<T>(k.p),
+                             T(0), static_cast<T>(k.q), TRAIN ? static_cast<T>(m[c]) : T(0), static_cast<T>(k.r));
+      }
+    }
+  });
+  return red;
+}
+
+// The same for NLC inputs that fuses_groups takes: one group of channels of split_of at a
+// time (its rows are all the rows), its sums as batch_norm_backward_reduce's task for the
+// group gives them (group_grad_sums), then its input gradient from L2 by blocks of channels
+// (block_affine, as channel_affine). See fuses_groups for where it gains.
+template <typename T, bool TRAIN>
+at::Tensor backward_by_group(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
+                             const Split& s, const at::Tensor& mean, const at::Tensor& var,
+                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& count,
+                             double eps) {
+  const int64_t C = v.C, rows = v.N * v.L;
+  at::Tensor red = at::empty({4, C}, x.options().dtype(at::kDouble));
+  const auto m = channel_values(mean, C, 0.0, "mean");
+  const auto s2 = channel_values(var, C, 1.0, "var");
+  const auto w = channel_values(weight, C, 1.0, "weight");
+  const auto cnt = channel_values(TRAIN ? count : c10::optional<at::Tensor>(), C, 1.0, "count");
+  const T* pdy = dy.const_data_ptr<T>();
+  const T* px = x.const_data_ptr<T>();
+  T* pdx = dx.mutable_data_ptr<T>();
+  double* o = red.mutable_data_ptr<double>();
+  at::parallel_for(0, s.groups, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      const int64_t g0 = s.group_begin(g), cw = s.group_width(g, C);
+      group_grad_sums<T>(pdy, px, C, g0, cw, 0, rows, m.data() + g0, o + g0, o + C + g0);
+      std::vector<T> p(cw), mu(cw, T(0)), q(cw), mv(cw), r(cw);
+      for (int64_t ch = 0; ch < cw; ++ch) {
+        const int64_t c = g0 + ch;
+        const ChannelGrad k = channel_grad<TRAIN>(o, C, c, o[c], o[C + c], w[c], s2[c], cnt[c], eps);
+        p[ch] = static_cast<T>(k.p);
+        q[ch] = static_cast<T>(k.q);
+        mv[ch] = TRAIN ? static_cast<T>(m[c]) : T(0);
+        r[ch] = static_cast<T>(k.r);
+      }
+      const int64_t tile_rows = std::clamp<int64_t>(kAffineTile / cw, 4, 32);
+      for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+        const int64_t n = std::min(tile_rows, rows - r0);
+        const int64_t off = r0 * C + g0;
+        for_each_block<T>(cw, [&](auto full, int64_t c0, int64_t bw) {
+          block_affine<T, decltype(full)::value, TRAIN>(pdy + off, TRAIN ? px + off : nullptr, pdx + off, C, n, c0,
+                                                        bw, p.data(), mu.data(), q.data(), mv.data(), r.data());
+        });
       }
     }
   });
@@ -1098,13 +1215,21 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, con
                                                        bool need_input, bool need_reduce, bool channels_last) {
   const bool training = count.has_value() && count->defined();
   at::Tensor red, dx;
-  if (training && need_input && x.numel() > 0) {
+  if (need_input && (training || need_reduce) && x.numel() > 0) {
     const View v = view_of(x, channels_last, "input");
-    if (fuses_channels(v, x.scalar_type())) {
+    const bool by_channel = fuses_channels(v, x.scalar_type());
+    if (by_channel || fuses_groups(v, x.scalar_type())) {
       check_same(x, "input", dy, "grad_output");
       dx = empty_like_view(x);
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_batch_norm_backward_by_channel", [&] {
-        red = backward_by_channel<scalar_t>(dy, x, dx, v, mean, var, weight, *count, eps);
+      const Split s = split_of(v, 2 * x.element_size());
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_batch_norm_backward_fused", [&] {
+        if (by_channel) {
+          red = training ? backward_by_channel<scalar_t, true>(dy, x, dx, v, mean, var, weight, count, eps)
+                         : backward_by_channel<scalar_t, false>(dy, x, dx, v, mean, var, weight, count, eps);
+        } else {
+          red = training ? backward_by_group<scalar_t, true>(dy, x, dx, v, s, mean, var, weight, count, eps)
+                         : backward_by_group<scalar_t, false>(dy, x, dx, v, s, mean, var, weight, count, eps);
+        }
       });
       return {dx, red.to(stats_type(x))};
     }

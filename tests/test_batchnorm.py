@@ -262,26 +262,44 @@ def test_empty_input_takes_what_torch_takes(args, kwargs):
     assert (y.shape, y.stride(), y.dtype) == (ref.shape, ref.stride(), ref.dtype)
 
 
+def _ncl_view(shape, nlc: bool, gen, dtype, scale=1.0, shift=0.0):
+    """A random (N, C, L) tensor stored channel-major, or channel-minor (an (N, L, C) tensor's view)."""
+    N, C, L = shape
+    t = torch.randn((N, L, C) if nlc else shape, generator=gen, dtype=torch.float64) * scale + shift
+    return (t.permute(0, 2, 1) if nlc else t).to(dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 64, 49), (4, 3, 63), (2, 16, 3136), (1, 8, 100), (8, 6, 9), (2, 1, 5000), (8, 16, 49), (16, 4, 36)])
-def test_backward_in_one_call_equals_its_parts(shape, dtype):
-    """The C++ training backward in one call (one channel at a time, its rows re-read from
-    cache: csrc/batchnorm.cpp backward_by_channel, where it applies) gives the separate
-    operators' (gradient sums, then input gradient) results bit for bit."""
+@pytest.mark.parametrize("shape,nlc", [
+    ((2, 64, 49), False), ((4, 3, 63), False), ((2, 16, 3136), False), ((1, 8, 100), False), ((8, 6, 9), False),
+    ((2, 1, 5000), False), ((8, 16, 49), False), ((16, 4, 36), False),
+    ((2, 64, 49), True), ((1, 1100, 100), True), ((2, 2048, 49), True), ((4, 200, 130), True), ((3, 5, 7), True)])
+def test_backward_in_one_call_equals_its_parts(shape, nlc, dtype, training):
+    """The C++ backward with both parts in one call (training, or eval with the weight's
+    gradient: one channel, or one group of channels, at a time, its rows re-read from cache:
+    csrc/batchnorm.cpp backward_by_channel / backward_by_group, where they apply) gives the
+    separate operators' (gradient sums, then input gradient) results bit for bit."""
     from pyops.ops import batch_norm as B
 
     gen = torch.Generator().manual_seed(0)
-    x3 = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype)
-    g3 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
-    w = torch.rand(shape[1], generator=gen, dtype=torch.float64).to(dtype) + 0.5
+    x3 = _ncl_view(shape, nlc, gen, dtype, 3, 2)
+    g3 = _ncl_view(shape, nlc, gen, dtype)
+    C = shape[1]
+    w = torch.rand(C, generator=gen, dtype=torch.float64).to(dtype) + 0.5
     cpp = B.cpp_extension()
-    with pyops.backend("cpp"):
-        _, stats = B.batch_norm_train(x3, None, None, w, None, 0.1, 1e-5)
-    count, mean, var = stats.unbind(0)
-    dx, red = cpp.batch_norm_backward(g3, x3, mean, var, w, count, 1e-5, True, True, False)
-    sums = cpp.batch_norm_backward_reduce(g3, x3, mean, var, 1e-5, False)  # float64, as the one call keeps them
-    dx_parts = torch.empty_like(x3)
-    cpp.batch_norm_backward_input(g3, x3, dx_parts, mean, var, w, sums, count, 1e-5, True, False)
+    if training:
+        with pyops.backend("cpp"):
+            _, stats = B.batch_norm_train(x3, None, None, w, None, 0.1, 1e-5)
+        count, mean, var = stats.unbind(0)
+    else:
+        count, mean, var = None, torch.randn(C, generator=gen).to(dtype), torch.rand(C, generator=gen).to(dtype) + 0.5
+    dx, red = cpp.batch_norm_backward(g3, x3, mean, var, w, count, 1e-5, True, True, nlc)
+    sums = cpp.batch_norm_backward_reduce(g3, x3, mean, var, 1e-5, nlc)  # float64, as the one call keeps them
+    dx_parts = torch.empty_strided(x3.shape, x3.stride(), dtype=dtype)
+    cpp.batch_norm_backward_input(g3, x3, dx_parts, mean, var, w, sums if training else var,
+                                  count if training else var, 1e-5, training, nlc)
+    assert dx.stride() == x3.stride()
     assert torch.equal(dx, dx_parts) and torch.equal(red, sums.to(red.dtype))
 
 
