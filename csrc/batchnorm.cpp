@@ -66,7 +66,9 @@ View view_of(const at::Tensor& x, bool channels_last, const char* name) {
   } else {
     TORCH_CHECK(x.is_contiguous(), name, " must be contiguous (N, C, L) storage");
   }
-  return {N, C, L, channels_last};
+  // L == 1: (N, C, 1) is stored channel-minor too, and its rows of C channels take the
+  // vectorised NLC paths, where NCL would make N * C rows of one element
+  return {N, C, L, channels_last || L == 1};
 }
 
 void check_same(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
@@ -747,6 +749,7 @@ inline void block_affine(const T* u, const T* v, T* out, int64_t C, int64_t rows
 // Per-channel coefficients of out = p * (u - mu) + q * (v - mv) + r.
 struct Affine {
   std::vector<double> p, mu, q, mv, r;
+  Affine() = default;  // the caller sizes p, mu and r (and q, mv for a second input)
   explicit Affine(int64_t C) : p(C, 0.0), mu(C, 0.0), q(C, 0.0), mv(C, 0.0), r(C, 0.0) {}
 };
 
@@ -919,20 +922,28 @@ void batch_norm_apply(const at::Tensor& x, const at::Tensor& y, const at::Tensor
   const View v = view_of(x, channels_last, "input");
   check_same(x, "input", y, "output");
   if (x.numel() == 0) return;
-  const auto m = channel_values(mean, v.C, 0.0, "mean");
   const auto s2 = channel_values(var, v.C, 1.0, "var");
   const auto w = channel_values(weight, v.C, 1.0, "weight");
-  const auto b = channel_values(bias, v.C, 0.0, "bias");
-  Affine a(v.C);
+  Affine a;  // p, mu and r: the q terms are not read without a second input
+  a.p.resize(v.C);
   {
     const double* __restrict pw = w.data();
     const double* __restrict pv = s2.data();
     double* __restrict p = a.p.data();
+    if (x.scalar_type() == at::kDouble) {
 #pragma omp simd
-    for (int64_t c = 0; c < v.C; ++c) p[c] = pw[c] / std::sqrt(pv[c] + eps);  // vectorised: -fno-math-errno
+      for (int64_t c = 0; c < v.C; ++c) p[c] = pw[c] / std::sqrt(pv[c] + eps);  // vectorised: -fno-math-errno
+    } else {
+      // in float, as torch computes it for float, half and bfloat16 inputs: double square
+      // roots and divisions were most of a 2048-channel layer's setup (1x2048x1x1: ~4 of 10 us)
+      const float feps = static_cast<float>(eps);
+#pragma omp simd
+      for (int64_t c = 0; c < v.C; ++c)
+        p[c] = static_cast<double>(static_cast<float>(pw[c]) / std::sqrt(static_cast<float>(pv[c]) + feps));
+    }
   }
-  a.mu = m;
-  a.r = b;
+  a.mu = channel_values(mean, v.C, 0.0, "mean");
+  a.r = channel_values(bias, v.C, 0.0, "bias");
   channel_affine(x, nullptr, y, v, a);
 }
 

@@ -163,13 +163,16 @@ def test_cpp_small_planes_match_float64(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", [(3, 70, 5, 6), (2, 40, 3, 5), (5, 130, 4, 4), (2, 96, 64, 48)])
+@pytest.mark.parametrize("shape", [(3, 70, 5, 6), (2, 40, 3, 5), (5, 130, 4, 4), (2, 96, 64, 48), (2, 1100, 7, 7),
+                                   (4, 520, 7, 7), (64, 1100, 1, 1)])
 def test_cpp_channels_last_blocks_match_float64(shape, training, dtype):
     """C++ channels_last float/double kernels hold blocks of 4 vectors of channels in registers
     (64 float or 32 double channels): 70 and 130 channels are whole blocks plus a partial one,
     40 a partial block whose last vector is itself partial; 90 and 80 rows span several row
-    tiles, 2x96x64x48's 6144 rows many reduction tiles. Forward, running stats and all
-    gradients against torch in float64."""
+    tiles, 2x96x64x48's 6144 rows many reduction tiles. 2x1100x7x7 and 64x1100x1x1 are reduced
+    by groups of channels (the last one partial) and take the backward by group, 4x520x7x7
+    is reduced by groups but its backward makes two passes; (N, C, 1, 1) is channel-minor in
+    both layouts. Forward, running stats and all gradients against torch in float64."""
     torch.manual_seed(0)
     C = shape[1]
     x64 = (torch.randn(shape, dtype=torch.float64) * 3 + 50).to(dtype).double()
@@ -273,7 +276,7 @@ def _ncl_view(shape, nlc: bool, gen, dtype, scale=1.0, shift=0.0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,nlc", [
     ((2, 64, 49), False), ((4, 3, 63), False), ((2, 16, 3136), False), ((1, 8, 100), False), ((8, 6, 9), False),
-    ((2, 1, 5000), False), ((8, 16, 49), False), ((16, 4, 36), False),
+    ((2, 1, 5000), False), ((8, 16, 49), False), ((16, 4, 36), False), ((16, 300, 1), False),
     ((2, 64, 49), True), ((1, 1100, 100), True), ((2, 2048, 49), True), ((4, 200, 130), True), ((3, 5, 7), True)])
 def test_backward_in_one_call_equals_its_parts(shape, nlc, dtype, training):
     """The C++ backward with both parts in one call (training, or eval with the weight's
