@@ -529,8 +529,11 @@ void grad_sums_small(const at::Tensor& dy, const at::Tensor& x, const View& v, c
 constexpr int64_t kRowImages = 4;
 
 // (sum dy, sum dy * (x - mean)) of channel c over images [n0, n1) of NCL planes of L elements.
+// Not inlined, nor is channel_grad_sums_ncl: the separate reduction and the fused backward
+// call the same compiled code, so their sums agree bit for bit (an `omp simd` reduction
+// inlined into two loops may be vectorised differently in each; it was, once).
 template <typename T>
-inline GradSums<double> channel_grad_sums_rows(const T* pdy, const T* px, int64_t C, int64_t L, int64_t c,
+__attribute__((noinline)) GradSums<double> channel_grad_sums_rows(const T* pdy, const T* px, int64_t C, int64_t L, int64_t c,
                                                int64_t n0, int64_t n1, T mean) {
   using V = VecT<T>;
   constexpr int64_t S = V::size();
@@ -639,7 +642,7 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
 // (sum dy, sum dy * (x - mean)) of channel c over images [n0, n1) of NCL planes of L
 // elements: tiles of kTile summed in the compute type, added up in double.
 template <typename scalar_t>
-inline GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t L,
+__attribute__((noinline)) GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t L,
                                               int64_t c, int64_t n0, int64_t n1, double mean) {
   using opmath_t = at::opmath_type<scalar_t>;
   double s_dy = 0, s_dyx = 0;
@@ -657,9 +660,9 @@ inline GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_
 
 // (sum dy, sum dy * (x - mean)) over rows [r0, r1) of NLC channels [g0, g0 + cw) into
 // sdy[0, cw), sdyx[0, cw) (mean: the group's cw means): tiles of rows summed in the compute
-// type, added up in double.
+// type, added up in double. Not inlined, as channel_grad_sums_rows.
 template <typename scalar_t>
-void group_grad_sums(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t g0, int64_t cw, int64_t r0,
+__attribute__((noinline)) void group_grad_sums(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t g0, int64_t cw, int64_t r0,
                      int64_t r1, const double* mean, double* sdy, double* sdyx) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::fill_n(sdy, cw, 0.0);
@@ -1082,35 +1085,65 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
 
 namespace {
 
-// A channel's share of the fused backward, from its two gradient sums (sum dy, sum dy (x -
-// mean)) and its statistics (batch statistics in training, running ones in eval): its four
-// reduce values into o (4, C) as batch_norm_backward_reduce gives them, and its input
-// gradient's coefficients, dx = p dy + q (x - mean) + r (eval: q = r = 0), as
-// batch_norm_backward_input computes them.
-struct ChannelGrad {
-  double p, q, r;
+// The channels [c0, c0 + n) of the fused backward, from their two gradient sums (sum dy, sum
+// dy (x - mean), in o's rows 0 and 1) and their statistics (batch statistics in training,
+// running ones in eval): their four reduce values into o (4, C) as batch_norm_backward_reduce
+// gives them, and their input gradients' coefficients, dx = p dy + q (x - mean) + r (eval:
+// q = r = 0, mv = 0), as batch_norm_backward_input computes them, into k's arrays (n each).
+// One vectorised loop: channel by channel, its double square roots and divisions were most
+// of the fused backward of 8x2048x1x1.
+template <typename T>
+struct GradCoefs {
+  std::vector<T> p, mu, q, mv, r;
+  explicit GradCoefs(int64_t n) : p(n), mu(n, T(0)), q(n), mv(n), r(n) {}
 };
-template <bool TRAIN>
-inline ChannelGrad channel_grad(double* o, int64_t C, int64_t c, double sum_dy, double sum_dyx, double w,
-                                double var, double count, double eps) {
-  sum_dy = 0.0 + sum_dy;  // as the reduce adds its partials to 0 (-0.0 becomes 0.0)
-  sum_dyx = 0.0 + sum_dyx;
-  o[c] = sum_dy;
-  o[C + c] = sum_dyx;
-  o[2 * C + c] = sum_dyx / std::sqrt(var + eps);
-  o[3 * C + c] = sum_dy;
-  const double p = w / std::sqrt(var + eps);
-  if constexpr (!TRAIN) return {p, 0.0, 0.0};
-  const TrainingGradCoefs qr = training_grad_coefs(p, sum_dy, sum_dyx, count, var, eps);
-  return {p, qr.q, qr.r};
+template <bool TRAIN, typename T>
+inline void channel_grads(double* o, int64_t C, int64_t c0, int64_t n, const double* w, const double* var,
+                          const double* count, const double* mean, double eps, GradCoefs<T>& k) {
+  double* __restrict sdy = o + c0;
+  double* __restrict sdyx = o + C + c0;
+  double* __restrict gw = o + 2 * C + c0;
+  double* __restrict gb = o + 3 * C + c0;
+  const double* __restrict pw = w + c0;
+  const double* __restrict pv = var + c0;
+  const double* __restrict pn = count + c0;
+  const double* __restrict pm = mean + c0;
+  T* __restrict p = k.p.data();
+  T* __restrict q = k.q.data();
+  T* __restrict mv = k.mv.data();
+  T* __restrict r = k.r.data();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double sum_dy = 0.0 + sdy[i], sum_dyx = 0.0 + sdyx[i];  // as the reduce adds its partials to 0
+    sdy[i] = sum_dy;
+    sdyx[i] = sum_dyx;
+    gw[i] = sum_dyx / std::sqrt(pv[i] + eps);
+    gb[i] = sum_dy;
+    const double pd = pw[i] / std::sqrt(pv[i] + eps);
+    p[i] = static_cast<T>(pd);
+    if constexpr (TRAIN) {
+      const TrainingGradCoefs qr = training_grad_coefs(pd, sum_dy, sum_dyx, pn[i], pv[i], eps);
+      q[i] = static_cast<T>(qr.q);
+      mv[i] = static_cast<T>(pm[i]);
+      r[i] = static_cast<T>(qr.r);
+    } else {
+      q[i] = T(0);
+      mv[i] = T(0);
+      r[i] = T(0);
+    }
+  }
 }
+
+// Channels of backward_by_channel summed before their input gradients are written: their
+// coefficients in one vectorised loop, their rows (at most kChannelBytes each) still in L2.
+constexpr int64_t kChannelBlock = 16;
 
 // The backward with both parts asked for (training; eval when the weight or bias needs its
 // gradient too), NCL inputs that fuses_channels takes, one channel at a time: its two sums,
 // then its input gradient while its rows are still in L1 or L2, where the separate passes
 // (batch_norm_backward_reduce, then batch_norm_backward_input) read dy (and x) twice from
 // memory or L3 (training, the node's backward on 2x2048x7x7 float32, 2 threads: 90 -> 53
-// us). The same arithmetic (channel_grad_sums_rows / _ncl, channel_grad, affine_row), so the
+// us). The same arithmetic (channel_grad_sums_rows / _ncl, channel_grads, affine_row), so the
 // same results, bit for bit. Returns the (4, C) float64 sums as batch_norm_backward_reduce
 // does.
 template <typename T, bool TRAIN>
@@ -1127,18 +1160,29 @@ at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const 
   const T* px = x.const_data_ptr<T>();
   T* pdx = dx.mutable_data_ptr<T>();
   double* o = red.mutable_data_ptr<double>();
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(N * L, 1));
-  at::parallel_for(0, C, grain, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const GradSums<double> sums = L < kSmallPlane
-                                        ? channel_grad_sums_rows<T>(pdy, px, C, L, c, 0, N, static_cast<T>(m[c]))
-                                        : channel_grad_sums_ncl<T>(pdy, px, C, L, c, 0, N, m[c]);
-      const ChannelGrad k = channel_grad<TRAIN>(o, C, c, sums.dy, sums.dyx, w[c], s2[c], cnt[c], eps);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t row = n * C + c;
-        affine_row<T, TRAIN>(pdy + row * L, TRAIN ? px + row * L : nullptr, pdx + row * L, L, static_cast<T>(k.p),
-                             T(0), static_cast<T>(k.q), TRAIN ? static_cast<T>(m[c]) : T(0), static_cast<T>(k.r));
+  // blocks of channels small enough that their rows stay in L2 between the two steps
+  const int64_t block = std::clamp<int64_t>(kChannelBytes / std::max<int64_t>(2 * N * L * sizeof(T), 1), 1,
+                                            kChannelBlock);
+  const int64_t blocks = (C + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(block * N * L, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {
+    GradCoefs<T> k(block);
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t c0 = blk * block, n = std::min(block, C - c0);
+      for (int64_t c = c0; c < c0 + n; ++c) {
+        const GradSums<double> sums = L < kSmallPlane
+                                          ? channel_grad_sums_rows<T>(pdy, px, C, L, c, 0, N, static_cast<T>(m[c]))
+                                          : channel_grad_sums_ncl<T>(pdy, px, C, L, c, 0, N, m[c]);
+        o[c] = sums.dy;
+        o[C + c] = sums.dyx;
       }
+      channel_grads<TRAIN>(o, C, c0, n, w.data(), s2.data(), cnt.data(), m.data(), eps, k);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t img = 0; img < N; ++img) {
+          const int64_t row = img * C + c0 + i;
+          affine_row<T, TRAIN>(pdy + row * L, TRAIN ? px + row * L : nullptr, pdx + row * L, L, k.p[i], T(0), k.q[i],
+                               k.mv[i], k.r[i]);
+        }
     }
   });
   return red;
@@ -1167,22 +1211,16 @@ at::Tensor backward_by_group(const at::Tensor& dy, const at::Tensor& x, const at
     for (int64_t g = b; g < e; ++g) {
       const int64_t g0 = s.group_begin(g), cw = s.group_width(g, C);
       group_grad_sums<T>(pdy, px, C, g0, cw, 0, rows, m.data() + g0, o + g0, o + C + g0);
-      std::vector<T> p(cw), mu(cw, T(0)), q(cw), mv(cw), r(cw);
-      for (int64_t ch = 0; ch < cw; ++ch) {
-        const int64_t c = g0 + ch;
-        const ChannelGrad k = channel_grad<TRAIN>(o, C, c, o[c], o[C + c], w[c], s2[c], cnt[c], eps);
-        p[ch] = static_cast<T>(k.p);
-        q[ch] = static_cast<T>(k.q);
-        mv[ch] = TRAIN ? static_cast<T>(m[c]) : T(0);
-        r[ch] = static_cast<T>(k.r);
-      }
+      GradCoefs<T> k(cw);
+      channel_grads<TRAIN>(o, C, g0, cw, w.data(), s2.data(), cnt.data(), m.data(), eps, k);
       const int64_t tile_rows = std::clamp<int64_t>(kAffineTile / cw, 4, 32);
       for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
         const int64_t n = std::min(tile_rows, rows - r0);
         const int64_t off = r0 * C + g0;
         for_each_block<T>(cw, [&](auto full, int64_t c0, int64_t bw) {
           block_affine<T, decltype(full)::value, TRAIN>(pdy + off, TRAIN ? px + off : nullptr, pdx + off, C, n, c0,
-                                                        bw, p.data(), mu.data(), q.data(), mv.data(), r.data());
+                                                        bw, k.p.data(), k.mu.data(), k.q.data(), k.mv.data(),
+                                                        k.r.data());
         });
       }
     }
