@@ -533,8 +533,8 @@ constexpr int64_t kRowImages = 4;
 // call the same compiled code, so their sums agree bit for bit (an `omp simd` reduction
 // inlined into two loops may be vectorised differently in each; it was, once).
 template <typename T>
-__attribute__((noinline)) GradSums<double> channel_grad_sums_rows(const T* pdy, const T* px, int64_t C, int64_t L, int64_t c,
-                                               int64_t n0, int64_t n1, T mean) {
+__attribute__((noinline)) GradSums<double> channel_grad_sums_rows(const T* pdy, const T* px, int64_t C, int64_t L,
+                                                                  int64_t c, int64_t n0, int64_t n1, T mean) {
   using V = VecT<T>;
   constexpr int64_t S = V::size();
   V a(T(0)), bb(T(0));
@@ -642,8 +642,9 @@ void partial_stats_impl(const at::Tensor& x, const View& v, const Split& s, at::
 // (sum dy, sum dy * (x - mean)) of channel c over images [n0, n1) of NCL planes of L
 // elements: tiles of kTile summed in the compute type, added up in double.
 template <typename scalar_t>
-__attribute__((noinline)) GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t L,
-                                              int64_t c, int64_t n0, int64_t n1, double mean) {
+__attribute__((noinline)) GradSums<double> channel_grad_sums_ncl(const scalar_t* pdy, const scalar_t* px, int64_t C,
+                                                                 int64_t L, int64_t c, int64_t n0, int64_t n1,
+                                                                 double mean) {
   using opmath_t = at::opmath_type<scalar_t>;
   double s_dy = 0, s_dyx = 0;
   const opmath_t m = static_cast<opmath_t>(mean);
@@ -662,8 +663,9 @@ __attribute__((noinline)) GradSums<double> channel_grad_sums_ncl(const scalar_t*
 // sdy[0, cw), sdyx[0, cw) (mean: the group's cw means): tiles of rows summed in the compute
 // type, added up in double. Not inlined, as channel_grad_sums_rows.
 template <typename scalar_t>
-__attribute__((noinline)) void group_grad_sums(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t g0, int64_t cw, int64_t r0,
-                     int64_t r1, const double* mean, double* sdy, double* sdyx) {
+__attribute__((noinline)) void group_grad_sums(const scalar_t* pdy, const scalar_t* px, int64_t C, int64_t g0,
+                                               int64_t cw, int64_t r0, int64_t r1, const double* mean, double* sdy,
+                                               double* sdyx) {
   using opmath_t = at::opmath_type<scalar_t>;
   std::fill_n(sdy, cw, 0.0);
   std::fill_n(sdyx, cw, 0.0);
