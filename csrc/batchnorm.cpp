@@ -959,11 +959,12 @@ constexpr int64_t kChannelBytes = 256 * 1024;
 // (grad_sums_small): as rows, their masked vectors would be mostly empty (64x512x2x2: 40 -> 55 us).
 constexpr int64_t kRowPlane = 32;
 
-// Whether the training backward of x (N, C, L) takes backward_by_channel: NCL, float or double,
-// one task per channel in the reduction (split_of), a channel small enough for L2, and not
-// tiny planes in many images. Its planes are summed with channel_grad_sums_rows (under
-// kSmallPlane elements; the separate reduction then sums them so too, whatever the number of
-// images: 8x512x7x7 26 -> 20 us, 32x2048x7x7 477 -> 568) or channel_grad_sums_ncl.
+// Whether a backward of x (N, C, L) with both parts (training; eval with the weight's gradient)
+// takes backward_by_channel: NCL, float or double, one task per channel in the reduction
+// (split_of), a channel small enough for L2, and not tiny planes in many images. Its planes
+// are summed with channel_grad_sums_rows (under kSmallPlane elements; the separate reduction
+// then sums them so too, whatever the number of images: 8x512x7x7 26 -> 20 us, 32x2048x7x7
+// 477 -> 568) or channel_grad_sums_ncl.
 static bool fuses_channels(const View& v, at::ScalarType dtype) {
   if (v.nlc || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   if (v.L < kRowPlane && v.N > kRowImages) return false;  // rows of a few elements: SmallPlanes sums them faster
