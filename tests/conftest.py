@@ -5,6 +5,7 @@ kernels, so the triton backend runs CPU tensors through Triton's interpreter. Wi
 a GPU the Triton kernels compile for it and run on CUDA tensors.
 """
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,12 +104,14 @@ def aot_compile_process():
     if "proc" not in _AOT:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         out = tempfile.TemporaryFile("w+")
+        # its own process group: an interrupted run kills its pool of compile workers with it
         _AOT["proc"] = subprocess.Popen([sys.executable, "-P", "-m", "pyops._aot", "--arch", "90"], env=env,
-                                        stdout=out, stderr=subprocess.STDOUT, text=True)
+                                        stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         _AOT["out"] = out
     return _AOT["proc"], _AOT["out"]
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: a run without the AOT test does not start it
 def pytest_collection_modifyitems(session, config, items):
     aot = [item for item in items if item.name == AOT_TEST]
     if aot:
@@ -121,4 +124,6 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_unconfigure(config):
     if "proc" in _AOT and _AOT["proc"].poll() is None:  # interrupted run: do not leave it compiling
-        _AOT["proc"].kill()
+        # the whole group: killing the parent alone left its spawned workers compiling for minutes
+        os.killpg(_AOT["proc"].pid, signal.SIGKILL)
+        _AOT["proc"].wait()
