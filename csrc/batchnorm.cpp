@@ -1088,6 +1088,20 @@ void batch_norm_backward_input(const at::Tensor& dy, const at::Tensor& x, const 
 
 namespace {
 
+// What both one-call backwards read per channel, as doubles, and their (4, C) float64 result
+// (batch_norm_backward_reduce's rows); count is 1 in eval.
+struct FusedBackward {
+  std::vector<double> mean, var, weight, count;
+  at::Tensor red;
+  FusedBackward(const at::Tensor& x, int64_t C, const at::Tensor& m, const at::Tensor& v,
+                const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& n)
+      : mean(channel_values(m, C, 0.0, "mean")),
+        var(channel_values(v, C, 1.0, "var")),
+        weight(channel_values(w, C, 1.0, "weight")),
+        count(channel_values(n, C, 1.0, "count")),
+        red(at::empty({4, C}, x.options().dtype(at::kDouble))) {}
+};
+
 // The channels [c0, c0 + n) of the fused backward, from their two gradient sums (sum dy, sum
 // dy (x - mean), in o's rows 0 and 1) and their statistics (batch statistics in training,
 // running ones in eval): their four reduce values into o (4, C) as batch_norm_backward_reduce
@@ -1147,22 +1161,17 @@ constexpr int64_t kChannelBlock = 16;
 // (batch_norm_backward_reduce, then batch_norm_backward_input) read dy (and x) twice from
 // memory or L3 (training, the node's backward on 2x2048x7x7 float32, 2 threads: 90 -> 53
 // us). The same arithmetic (channel_grad_sums_rows / _ncl, channel_grads, affine_row), so the
-// same results, bit for bit. Returns the (4, C) float64 sums as batch_norm_backward_reduce
-// does.
+// same results, bit for bit. The (4, C) float64 sums go to f.red as batch_norm_backward_reduce
+// gives them.
 template <typename T, bool TRAIN>
-at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
-                               const at::Tensor& mean, const at::Tensor& var, const c10::optional<at::Tensor>& weight,
-                               const c10::optional<at::Tensor>& count, double eps) {
+void backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
+                         FusedBackward& f, double eps) {
   const int64_t N = v.N, C = v.C, L = v.L;
-  at::Tensor red = at::empty({4, C}, x.options().dtype(at::kDouble));
-  const auto m = channel_values(mean, C, 0.0, "mean");
-  const auto s2 = channel_values(var, C, 1.0, "var");
-  const auto w = channel_values(weight, C, 1.0, "weight");
-  const auto cnt = channel_values(TRAIN ? count : c10::optional<at::Tensor>(), C, 1.0, "count");
+  const std::vector<double>& m = f.mean;
   const T* pdy = dy.const_data_ptr<T>();
   const T* px = x.const_data_ptr<T>();
   T* pdx = dx.mutable_data_ptr<T>();
-  double* o = red.mutable_data_ptr<double>();
+  double* o = f.red.mutable_data_ptr<double>();
   // blocks of channels small enough that their rows stay in L2 between the two steps
   const int64_t block = std::clamp<int64_t>(kChannelBytes / std::max<int64_t>(2 * N * L * sizeof(T), 1), 1,
                                             kChannelBlock);
@@ -1179,7 +1188,7 @@ at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const 
         o[c] = sums.dy;
         o[C + c] = sums.dyx;
       }
-      channel_grads<TRAIN>(o, C, c0, n, w.data(), s2.data(), cnt.data(), m.data(), eps, k);
+      channel_grads<TRAIN>(o, C, c0, n, f.weight.data(), f.var.data(), f.count.data(), m.data(), eps, k);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t img = 0; img < N; ++img) {
           const int64_t row = img * C + c0 + i;
@@ -1188,7 +1197,6 @@ at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const 
         }
     }
   });
-  return red;
 }
 
 // The same for NLC inputs that fuses_groups takes: one group of channels of split_of at a
@@ -1196,26 +1204,20 @@ at::Tensor backward_by_channel(const at::Tensor& dy, const at::Tensor& x, const 
 // group gives them (group_grad_sums), then its input gradient from L2 by blocks of channels
 // (block_affine, as channel_affine). See fuses_groups for where it gains.
 template <typename T, bool TRAIN>
-at::Tensor backward_by_group(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
-                             const Split& s, const at::Tensor& mean, const at::Tensor& var,
-                             const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& count,
-                             double eps) {
+void backward_by_group(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const View& v,
+                       const Split& s, FusedBackward& f, double eps) {
   const int64_t C = v.C, rows = v.N * v.L;
-  at::Tensor red = at::empty({4, C}, x.options().dtype(at::kDouble));
-  const auto m = channel_values(mean, C, 0.0, "mean");
-  const auto s2 = channel_values(var, C, 1.0, "var");
-  const auto w = channel_values(weight, C, 1.0, "weight");
-  const auto cnt = channel_values(TRAIN ? count : c10::optional<at::Tensor>(), C, 1.0, "count");
+  const std::vector<double>& m = f.mean;
   const T* pdy = dy.const_data_ptr<T>();
   const T* px = x.const_data_ptr<T>();
   T* pdx = dx.mutable_data_ptr<T>();
-  double* o = red.mutable_data_ptr<double>();
+  double* o = f.red.mutable_data_ptr<double>();
   at::parallel_for(0, s.groups, 1, [&](int64_t b, int64_t e) {
     for (int64_t g = b; g < e; ++g) {
       const int64_t g0 = s.group_begin(g), cw = s.group_width(g, C);
       group_grad_sums<T>(pdy, px, C, g0, cw, 0, rows, m.data() + g0, o + g0, o + C + g0);
       GradCoefs<T> k(cw);
-      channel_grads<TRAIN>(o, C, g0, cw, w.data(), s2.data(), cnt.data(), m.data(), eps, k);
+      channel_grads<TRAIN>(o, C, g0, cw, f.weight.data(), f.var.data(), f.count.data(), m.data(), eps, k);
       const int64_t tile_rows = std::clamp<int64_t>(kAffineTile / cw, 4, 32);
       for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
         const int64_t n = std::min(tile_rows, rows - r0);
@@ -1228,7 +1230,6 @@ at::Tensor backward_by_group(const at::Tensor& dy, const at::Tensor& x, const at
       }
     }
   });
-  return red;
 }
 
 }  // namespace
@@ -1274,16 +1275,19 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& dy, con
       check_same(x, "input", dy, "grad_output");
       dx = empty_like_view(x);
       const Split s = split_of(v, 2 * x.element_size());
+      FusedBackward f(x, v.C, mean, var, weight, training ? count : c10::nullopt);
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pyops_batch_norm_backward_fused", [&] {
-        if (by_channel) {
-          red = training ? backward_by_channel<scalar_t, true>(dy, x, dx, v, mean, var, weight, count, eps)
-                         : backward_by_channel<scalar_t, false>(dy, x, dx, v, mean, var, weight, count, eps);
+        if (by_channel && training) {
+          backward_by_channel<scalar_t, true>(dy, x, dx, v, f, eps);
+        } else if (by_channel) {
+          backward_by_channel<scalar_t, false>(dy, x, dx, v, f, eps);
+        } else if (training) {
+          backward_by_group<scalar_t, true>(dy, x, dx, v, s, f, eps);
         } else {
-          red = training ? backward_by_group<scalar_t, true>(dy, x, dx, v, s, mean, var, weight, count, eps)
-                         : backward_by_group<scalar_t, false>(dy, x, dx, v, s, mean, var, weight, count, eps);
+          backward_by_group<scalar_t, false>(dy, x, dx, v, s, f, eps);
         }
       });
-      return {dx, red.to(stats_type(x))};
+      return {dx, f.red.to(stats_type(x))};
     }
   }
   if (need_reduce || (training && need_input)) red = batch_norm_backward_reduce(dy, x, mean, var, eps, channels_last);
