@@ -54,6 +54,8 @@ def markdown(results: dict[str, dict]) -> str:
     if env.get("device_type") == "cuda":
         lines += [f"- TF32 matmul {env.get('tf32_matmul')}, TF32 cuDNN {env.get('tf32_cudnn')}, "
                   f"cudnn.benchmark {env.get('cudnn_benchmark')}"]
+    if env.get("malloc"):
+        lines += [f"- malloc: {env['malloc']}"]
     if env.get("peaks"):
         p = env["peaks"]
         lines += [f"- ceilings ({p['source']}): {p['bandwidth_gbs']:.0f} GB/s; TFLOP/s "

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
     parser.add_argument("--only", choices=sorted(SUITES), action="append", help="run only these suites")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true", help=harness.MALLOC_HELP)
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"),
                         help="print the change per case between two result folders (or JSON files) and exit")
     args = parser.parse_args(argv)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    env = harness.environment(device)
+    env = harness.prepare(device, args.glibc_malloc_defaults)
     out_dir = args.out or harness.default_out_dir(device)
     print(f"pyops benchmarks on {env['device']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     env["peaks"] = roofline.device_peaks(device, env["device"])

@@ -36,6 +36,24 @@ def test_elementwise_rows_and_json(tmp_path):
     assert "speedup" in harness.format_table(rows)
 
 
+def test_cpu_runs_record_their_malloc_setting():
+    """A CPU run keeps freed memory for reuse (harness.steady_malloc) and says so; the flag
+    leaves glibc's defaults. In a subprocess: mallopt changes the process it runs in."""
+    import platform
+    import subprocess
+
+    code = ("import sys, torch; sys.path.insert(0, {!r}); import harness; "
+            "print(harness.prepare(torch.device('cpu'), {})['malloc'])")
+    bench = str(Path(harness.__file__).parent)
+    steady, default = (subprocess.run([sys.executable, "-c", code.format(bench, flag)], capture_output=True,
+                                      text=True, check=True).stdout.strip() for flag in (False, True))
+    assert default == "default"
+    if platform.libc_ver()[0] == "glibc":
+        assert steady.startswith("glibc, freed memory kept"), steady
+    else:
+        assert steady.startswith("default"), steady
+
+
 def test_correctness_check_can_fail():
     x = torch.rand(1000) + 0.5
     assert not bench_elementwise._correct("sigmoid", x, torch.sigmoid(x) + 0.01, torch.sigmoid(x))
